@@ -1,0 +1,316 @@
+"""The key tables: original single-file SD names (CompVis / Stability) <-> diffusers / transformers names.
+
+Each model gets ONE explicit table of (diffusers name, original name) pairs, generated from its block
+structure and used in both directions. A pair names a module prefix ("down_blocks.0.resnets.1." <->
+"input_blocks.2.0.") or a whole key; a key is renamed by its longest matching entry. The few places
+where tensors change shape too are marked in the table (VAE mid attention: conv1x1 <-> linear) or
+named as a step (OpenCLIP's fused in_proj <-> separate q/k/v).
+
+Text encoder names are transformers' CLIP names as files store them ("text_model.embeddings.",
+"text_model.encoder.", "text_model.final_layer_norm."), which our models/clip.py uses too;
+`text_model_names` adds the "text_model." that transformers 5 leaves out when it saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import NanoDiffusionError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."      # SD 1.x: transformers CLIP names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."        # SD 2.x: OpenCLIP ViT-H/14 text tower
+TEXT_MODEL = "text_model."
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a key table: a diffusers name and the original name (prefixes end with '.')."""
+
+    diffusers: str
+    original: str
+    conv1x1: bool = False   # weight is a 1x1 conv in the original file and a linear layer in diffusers
+
+
+class KeyTable:
+    """A list of (diffusers, original) name pairs, looked up by longest matching prefix in either direction."""
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+        self.by_name = {True: {e.diffusers: e for e in entries}, False: {e.original: e for e in entries}}
+
+    def rename(self, key: str, *, to_original: bool) -> tuple[str, Entry] | None:
+        """The key's name on the other side and the matching entry, or None when no entry matches."""
+        table = self.by_name[to_original]
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            head = ".".join(parts[:n]) + ("" if n == len(parts) else ".")
+            entry = table.get(head)
+            if entry is not None:
+                source, target = (entry.diffusers, entry.original) if to_original else (entry.original, entry.diffusers)
+                return target + key[len(source):], entry
+        return None
+
+    def convert(self, sd: dict[str, Tensor], *, to_original: bool, part: str) -> dict[str, Tensor]:
+        """Rename every key of a state dict (and reshape conv1x1 <-> linear weights where marked)."""
+        out, unknown = {}, []
+        for key, tensor in sd.items():
+            found = self.rename(key, to_original=to_original)
+            if found is None:
+                unknown.append(key)
+                continue
+            name, entry = found
+            out[name] = conv1x1_to_linear(tensor, to_conv=to_original) if entry.conv1x1 else tensor
+        if unknown:
+            raise key_error(part, "unexpected", unknown)
+        return out
+
+
+def key_error(part: str, kind: str, keys: list[str]) -> NanoDiffusionError:
+    """One-line error naming the first few missing / unexpected keys and how many there are."""
+    shown = ", ".join(sorted(keys)[:5])
+    return NanoDiffusionError(f"{part}: {len(keys)} {kind} keys ({shown}{', ...' if len(keys) > 5 else ''}); "
+                              f"the checkpoint does not match this model layout")
+
+
+def conv1x1_to_linear(weight: Tensor, *, to_conv: bool) -> Tensor:
+    """A 1x1 convolution weight [out, in, 1, 1] is a linear weight [out, in] (biases pass through)."""
+    if to_conv and weight.ndim == 2:
+        return weight[:, :, None, None]
+    if not to_conv and weight.ndim == 4:
+        return weight[:, :, 0, 0]
+    return weight
+
+
+def count_indices(sd: dict[str, Tensor], prefix: str) -> int:
+    """How many numbered children live under prefix ("down_blocks." -> 4 for SD)."""
+    found = {key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)}
+    return 1 + max((int(i) for i in found if i.isdigit()), default=-1)
+
+
+def has_prefix(sd: dict[str, Tensor], prefix: str) -> bool:
+    """Whether any key starts with prefix."""
+    return any(key.startswith(prefix) for key in sd)
+
+
+# ---- UNet (ldm openaimodel.UNetModel <-> diffusers UNet2DConditionModel) ----
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """The block structure the key table depends on: res blocks per level and where attention is."""
+
+    layers_per_block: int
+    down_attention: tuple[bool, ...]   # per level, highest resolution first
+    up_attention: tuple[bool, ...]     # per level, lowest resolution first
+
+    @classmethod
+    def from_diffusers(cls, sd: dict[str, Tensor]) -> UNetLayout:
+        """Read the layout from diffusers names."""
+        levels = count_indices(sd, "down_blocks.")
+        return cls(count_indices(sd, "down_blocks.0.resnets."),
+                   tuple(has_prefix(sd, f"down_blocks.{i}.attentions.") for i in range(levels)),
+                   tuple(has_prefix(sd, f"up_blocks.{i}.attentions.") for i in range(levels)))
+
+    @classmethod
+    def from_original(cls, sd: dict[str, Tensor]) -> UNetLayout:
+        """Read the layout from original names: downsamplers ("input_blocks.K.0.op") split the levels."""
+        blocks = count_indices(sd, "input_blocks.")
+        first_down = next((k for k in range(1, blocks) if f"input_blocks.{k}.0.op.weight" in sd), blocks)
+        per_level = first_down            # R res blocks + 1 downsampler
+        levels = blocks // per_level
+        return cls(per_level - 1,
+                   tuple(has_prefix(sd, f"input_blocks.{1 + i * per_level}.1.") for i in range(levels)),
+                   tuple(has_prefix(sd, f"output_blocks.{i * per_level}.1.") for i in range(levels)))
+
+
+def unet_resnet(d: str, o: str) -> list[Entry]:
+    """ResBlock: in_layers = (norm, SiLU, conv), emb_layers = (SiLU, linear), out_layers = (norm, SiLU, drop, conv)."""
+    names = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+             ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+    return [Entry(f"{d}{a}.", f"{o}{b}.") for a, b in names]
+
+
+def unet_table(layout: UNetLayout) -> KeyTable:
+    """The UNet key table: ldm's flat input_blocks / middle_block / output_blocks vs diffusers' nested blocks."""
+    entries = [Entry("conv_in.", "input_blocks.0.0."), Entry("time_embedding.linear_1.", "time_embed.0."),
+               Entry("time_embedding.linear_2.", "time_embed.2."), Entry("conv_norm_out.", "out.0."),
+               Entry("conv_out.", "out.2.")]
+    r, levels = layout.layers_per_block, len(layout.down_attention)
+    k = 1
+    for i, attention in enumerate(layout.down_attention):
+        for j in range(r):
+            entries += unet_resnet(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.")
+            if attention:
+                entries.append(Entry(f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1."))
+            k += 1
+        if i < levels - 1:
+            entries.append(Entry(f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.0.op."))
+            k += 1
+    entries += unet_resnet("mid_block.resnets.0.", "middle_block.0.")
+    entries.append(Entry("mid_block.attentions.0.", "middle_block.1."))
+    entries += unet_resnet("mid_block.resnets.1.", "middle_block.2.")
+    k = 0
+    for i, attention in enumerate(layout.up_attention):
+        for j in range(r + 1):
+            entries += unet_resnet(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0.")
+            if attention:
+                entries.append(Entry(f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1."))
+            if j == r and i < levels - 1:
+                entries.append(Entry(f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{k}.{1 + attention}.conv."))
+            k += 1
+    return KeyTable(entries)
+
+
+# ---- VAE (ldm Encoder / Decoder <-> diffusers AutoencoderKL) ----
+
+def vae_mid(side: str) -> list[Entry]:
+    """Mid block: two ResBlocks around one self-attention whose q/k/v/proj are 1x1 convs in the original."""
+    d, o = f"{side}.mid_block.", f"{side}.mid."
+    attention = [("group_norm", "norm", False), ("to_q", "q", True), ("to_k", "k", True), ("to_v", "v", True),
+                 ("to_out.0", "proj_out", True)]
+    return (vae_resnet(f"{d}resnets.0.", f"{o}block_1.") + vae_resnet(f"{d}resnets.1.", f"{o}block_2.")
+            + [Entry(f"{d}attentions.0.{a}.", f"{o}attn_1.{b}.", c) for a, b, c in attention])
+
+
+def vae_resnet(d: str, o: str) -> list[Entry]:
+    """VAE ResnetBlock: same names except the shortcut (nin_shortcut <-> conv_shortcut)."""
+    return [Entry(d, o), Entry(f"{d}conv_shortcut.", f"{o}nin_shortcut.")]
+
+
+def vae_table(levels: int, layers_per_block: int) -> KeyTable:
+    """The VAE key table; the original decoder numbers its up levels from the lowest resolution backwards."""
+    entries = [Entry(name, name) for name in ("quant_conv.", "post_quant_conv.", "encoder.conv_in.",
+                                              "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.")]
+    entries += [Entry(f"{side}.conv_norm_out.", f"{side}.norm_out.") for side in ("encoder", "decoder")]
+    entries += vae_mid("encoder") + vae_mid("decoder")
+    for i in range(levels):
+        for j in range(layers_per_block):
+            entries += vae_resnet(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.")
+        if i < levels - 1:
+            entries.append(Entry(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv."))
+        b = levels - 1 - i
+        for j in range(layers_per_block + 1):
+            entries += vae_resnet(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{b}.block.{j}.")
+        if i < levels - 1:
+            entries.append(Entry(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{b}.upsample.conv."))
+    return KeyTable(entries)
+
+
+def vae_table_for(sd: dict[str, Tensor], *, original: bool) -> KeyTable:
+    """The VAE table sized from a state dict in either naming."""
+    if original:
+        return vae_table(count_indices(sd, "encoder.down."), count_indices(sd, "encoder.down.0.block."))
+    return vae_table(count_indices(sd, "encoder.down_blocks."), count_indices(sd, "encoder.down_blocks.0.resnets."))
+
+
+# ---- Text encoders ----
+
+def text_model_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP text encoder names with the "text_model." prefix, without the position_ids buffer older files saved."""
+    return {TEXT_MODEL + key.removeprefix(TEXT_MODEL): t for key, t in sd.items() if not key.endswith("position_ids")}
+
+
+def open_clip_table(layers: int) -> KeyTable:
+    """OpenCLIP text tower (resblocks, ln_1/ln_2, c_fc/c_proj, fused in_proj) <-> transformers CLIP names."""
+    entries = [Entry(f"{TEXT_MODEL}embeddings.token_embedding.", "token_embedding."),
+               Entry(f"{TEXT_MODEL}embeddings.position_embedding.weight", "positional_embedding"),
+               Entry(f"{TEXT_MODEL}final_layer_norm.", "ln_final.")]
+    for i in range(layers):
+        d, o = f"{TEXT_MODEL}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        entries += [Entry(f"{d}layer_norm1.", f"{o}ln_1."), Entry(f"{d}layer_norm2.", f"{o}ln_2."),
+                    Entry(f"{d}mlp.fc1.", f"{o}mlp.c_fc."), Entry(f"{d}mlp.fc2.", f"{o}mlp.c_proj."),
+                    Entry(f"{d}self_attn.out_proj.", f"{o}attn.out_proj."),
+                    Entry(f"{d}self_attn.in_proj.weight", f"{o}attn.in_proj_weight"),
+                    Entry(f"{d}self_attn.in_proj.bias", f"{o}attn.in_proj_bias")]
+    return KeyTable(entries)
+
+
+def fuse_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate q_proj, k_proj, v_proj into one in_proj (OpenCLIP's nn.MultiheadAttention layout)."""
+    out = {k: t for k, t in sd.items() if not any(f"self_attn.{p}_proj." in k for p in "qkv")}
+    for key in sd:
+        if ".self_attn.q_proj." in key:
+            out[key.replace("q_proj", "in_proj")] = torch.cat([sd[key.replace("q_proj", f"{p}_proj")] for p in "qkv"])
+    return out
+
+
+def split_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Split a fused in_proj into q_proj, k_proj, v_proj (thirds along the output dimension)."""
+    out = {k: t for k, t in sd.items() if ".self_attn.in_proj." not in k}
+    for key, tensor in sd.items():
+        if ".self_attn.in_proj." in key:
+            for p, chunk in zip("qkv", tensor.chunk(3)):
+                out[key.replace("in_proj", f"{p}_proj")] = chunk.clone()
+    return out
+
+
+def open_clip_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """SD 2.x text encoder: diffusers keeps the layers the model uses (all but the last, "penultimate")
+    and the final layer norm; the unused last resblock, text_projection and logit_scale are dropped."""
+    layers = count_indices(sd, "transformer.resblocks.") - 1
+    last = f"transformer.resblocks.{layers}."
+    kept = {k: t for k, t in sd.items() if not k.startswith(last) and k not in ("text_projection", "logit_scale")}
+    return split_qkv(open_clip_table(layers).convert(kept, to_original=False, part="text encoder (OpenCLIP)"))
+
+
+def diffusers_to_open_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of open_clip_to_diffusers. The dropped last resblock is written as zeros, which makes it the
+    identity (x + 0 + 0), and text_projection as the identity matrix, so the file runs the same either way."""
+    sd = text_model_names(sd)
+    layers = count_indices(sd, f"{TEXT_MODEL}encoder.layers.")
+    out = open_clip_table(layers).convert(fuse_qkv(sd), to_original=True, part="text encoder (OpenCLIP)")
+    before = f"transformer.resblocks.{layers - 1}."
+    for key in [k for k in out if k.startswith(before)]:
+        out[f"transformer.resblocks.{layers}." + key[len(before):]] = torch.zeros_like(out[key])
+    width = out["positional_embedding"].shape[1]
+    out["text_projection"] = torch.eye(width, dtype=out["positional_embedding"].dtype)
+    return out
+
+
+# ---- Whole files ----
+
+def split_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The keys under prefix, with the prefix removed."""
+    return {key[len(prefix):]: t for key, t in sd.items() if key.startswith(prefix)}
+
+
+def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Original single-file state dict -> {"unet", "vae", "text_encoder"} in diffusers / transformers names.
+    EMA copies (model_ema.*), the schedule buffers and other non-model keys are skipped."""
+    unet = split_prefix(sd, UNET_PREFIX)
+    if not unet:
+        raise NanoDiffusionError(f"no UNet weights (keys starting with {UNET_PREFIX!r}): not a Stable Diffusion "
+                                 "checkpoint; pass a full SD 1.x / 2.x file or a diffusers folder")
+    parts = {"unet": unet_table(UNetLayout.from_original(unet)).convert(unet, to_original=False, part="UNet")}
+    vae = {k: t for k, t in split_prefix(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
+    if vae:
+        parts["vae"] = vae_table_for(vae, original=True).convert(vae, to_original=False, part="VAE")
+    if has_prefix(sd, OPEN_CLIP_PREFIX):
+        parts["text_encoder"] = open_clip_to_diffusers(split_prefix(sd, OPEN_CLIP_PREFIX))
+    elif has_prefix(sd, CLIP_PREFIX):
+        parts["text_encoder"] = text_model_names(split_prefix(sd, CLIP_PREFIX))
+    return parts
+
+
+def diffusers_to_original(parts: dict[str, dict[str, Tensor]], *, open_clip: bool | None = None) -> dict[str, Tensor]:
+    """{"unet", "vae", "text_encoder"} -> one original single-file state dict. The text encoder is written in
+    OpenCLIP layout when open_clip is True (default: when its width is 1024, as in SD 2.x)."""
+    unet = parts["unet"]
+    sd = {UNET_PREFIX + k: t for k, t in unet_table(UNetLayout.from_diffusers(unet)).convert(
+        unet, to_original=True, part="UNet").items()}
+    if "vae" in parts:
+        vae = vae_table_for(parts["vae"], original=False).convert(parts["vae"], to_original=True, part="VAE")
+        sd.update({VAE_PREFIX + k: t for k, t in vae.items()})
+    if "text_encoder" in parts:
+        text = text_model_names(parts["text_encoder"])
+        if open_clip is None:
+            open_clip = text[f"{TEXT_MODEL}embeddings.token_embedding.weight"].shape[1] == 1024
+        if open_clip:
+            sd.update({OPEN_CLIP_PREFIX + k: t for k, t in diffusers_to_open_clip(text).items()})
+        else:
+            sd.update({CLIP_PREFIX + k: t for k, t in text.items()})
+    return sd

@@ -1,0 +1,414 @@
+"""Every on-disk format in one place: safe tensor loading, original single-file SD checkpoints,
+diffusers pipeline folders, the model hash, `nanodiff info` and `nanodiff convert`.
+
+Models are handled as state dicts in diffusers / transformers names plus their config.json dicts;
+the original single-file layout goes through the key tables in checkpoint_keys.py.
+Pickles are only ever read with torch.load(weights_only=True): a file that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .checkpoint_keys import (CLIP_PREFIX, OPEN_CLIP_PREFIX, count_indices, diffusers_to_original, has_prefix,
+                              key_error, original_to_diffusers, text_model_names)
+from .errors import NanoDiffusionError, choice_error
+
+PARTS = ("unet", "vae", "text_encoder")
+PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"]}
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+DIFFUSERS_VERSION = "0.30.0"
+METADATA_KEY = "nanodiffusion"   # safetensors metadata: the configs, so our own single files round-trip exactly
+
+
+# ---- Safe loading ----
+
+def sniff_format(path: Path) -> str:
+    """The file's format from its first bytes: "safetensors", "torch-zip" or "pickle" (legacy torch.save)."""
+    if not path.is_file():
+        raise NanoDiffusionError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise NanoDiffusionError(f"{path}: the file is empty (an interrupted download or copy?)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        if 8 + int.from_bytes(head[:8], "little") > size:
+            raise NanoDiffusionError(f"{path}: truncated safetensors file (header longer than the file); "
+                                     "download or copy it again")
+        return "safetensors"
+    raise NanoDiffusionError(f"{path}: unknown format (not safetensors nor a PyTorch .ckpt/.bin/.pt); "
+                             "pass a Stable Diffusion checkpoint or a diffusers folder")
+
+
+def load_state_dict(path: str | Path, *, keep_dtype: bool = False) -> dict[str, Tensor]:
+    """All tensors of a .safetensors / .ckpt / .bin / .pt file; fp16 / bf16 become fp32 unless keep_dtype."""
+    path = Path(path)
+    kind = sniff_format(path)
+    try:
+        sd = load_file(path) if kind == "safetensors" else read_torch(path)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise NanoDiffusionError(f"{path}: refused to load: the pickle asks to run "
+                                 f"{found.group(1) if found else 'code'}; nothing was "
+                                 "executed. Use a .safetensors file, or convert this one with a tool you trust"
+                                 ) from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoDiffusionError(f"{path}: truncated or corrupt {kind} file ({first}); download or copy it again"
+                                 ) from None
+    if not sd:
+        raise NanoDiffusionError(f"{path}: the file holds no tensors")
+    return sd if keep_dtype else {k: to_float32(t) for k, t in sd.items()}
+
+
+def read_torch(path: Path) -> dict[str, Tensor]:
+    """torch.load restricted to tensors and plain containers (weights_only); given the open file, so torch
+    goes by the sniffed content rather than the file name."""
+    with open(path, "rb") as f:
+        return unwrap(torch.load(f, map_location="cpu", weights_only=True))
+
+
+def unwrap(obj: object) -> dict[str, Tensor]:
+    """The tensors of a torch.load result; Lightning .ckpt files keep them under "state_dict"."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def to_float32(t: Tensor) -> Tensor:
+    """Half-precision weights computed on the CPU are upcast to fp32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, Tensor], part: str) -> None:
+    """model.load_state_dict with one-line errors naming missing / unexpected keys and mismatched shapes."""
+    expected = model.state_dict()
+    for kind, keys in (("missing", expected.keys() - sd.keys()), ("unexpected", sd.keys() - expected.keys())):
+        if keys:
+            raise key_error(part, kind, list(keys))
+    for key, tensor in sd.items():
+        if tensor.shape != expected[key].shape:
+            raise NanoDiffusionError(f"{part}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, "
+                                     f"model {tuple(expected[key].shape)}; the config does not match the weights")
+    model.load_state_dict(sd)
+
+
+# ---- A loaded checkpoint ----
+
+@dataclass
+class Checkpoint:
+    """A Stable Diffusion model on disk, read into state dicts (diffusers / transformers names) and configs."""
+
+    parts: dict[str, dict[str, Tensor]]                 # "unet", "vae", "text_encoder"
+    configs: dict[str, dict]                            # config.json dict per part
+    scheduler: dict                                     # scheduler_config.json dict
+    info: dict = field(default_factory=dict)            # format, version, inpainting, path
+    tokenizer_dir: Path | None = None                   # folder with vocab.json + merges.txt, when there is one
+
+
+def detect_version(sd: dict[str, Tensor]) -> str:
+    """"v1" (CLIP ViT-L, context 768) or "v2" (OpenCLIP ViT-H, context 1024) from an original file's keys,
+    "custom" for other sizes."""
+    if has_prefix(sd, OPEN_CLIP_PREFIX):
+        return "v2"
+    if has_prefix(sd, CLIP_PREFIX):
+        return "v1"
+    return version_from_unet(sd)
+
+
+def version_from_unet(unet: dict[str, Tensor]) -> str:
+    """The version from the cross-attention width (768: v1, 1024: v2); attn2.to_k has the same name in both
+    layouts."""
+    widths = {t.shape[1] for k, t in unet.items() if k.endswith("attn2.to_k.weight")}
+    return {768: "v1", 1024: "v2"}.get(next(iter(widths), 0), "custom")
+
+
+def is_inpainting(unet: dict[str, Tensor]) -> bool:
+    """Inpainting UNets take 9 input channels: latent (4) + mask (1) + masked-image latent (4)."""
+    return unet["conv_in.weight"].shape[1] == 9
+
+
+def load_checkpoint(path: str | Path, *, prediction: str | None = None, keep_dtype: bool = False) -> Checkpoint:
+    """Read a diffusers folder or an original single file. prediction ("epsilon" / "v_prediction") overrides the
+    file's: single files cannot tell, and SD 2.x 768 models need "v_prediction"."""
+    path = Path(path)
+    ckpt = load_folder(path, keep_dtype) if path.is_dir() else load_single_file(path, keep_dtype)
+    if prediction is not None:
+        set_prediction(ckpt, prediction)
+    ckpt.info.update(path=str(path), inpainting=is_inpainting(ckpt.parts["unet"]),
+                     prediction=ckpt.scheduler.get("prediction_type", "epsilon"))
+    return ckpt
+
+
+def set_prediction(ckpt: Checkpoint, prediction: str) -> None:
+    """Set the prediction type; inferred SD 2.x v-prediction configs also get the 768 px size those models use."""
+    if prediction not in ("epsilon", "v_prediction"):
+        raise choice_error("prediction type", prediction, ["epsilon", "v_prediction"])
+    ckpt.scheduler["prediction_type"] = prediction
+    if ckpt.info.get("inferred") and ckpt.info.get("version") == "v2" and prediction == "v_prediction":
+        ckpt.configs["unet"]["sample_size"] = 96
+        if "vae" in ckpt.configs:
+            ckpt.configs["vae"]["sample_size"] = 768
+
+
+def load_single_file(path: Path, keep_dtype: bool = False) -> Checkpoint:
+    """An original single-file checkpoint: convert the keys, infer the configs from tensor shapes
+    (or read them from our own safetensors metadata)."""
+    sd = load_state_dict(path, keep_dtype=keep_dtype)
+    version = detect_version(sd)
+    parts = original_to_diffusers(sd)
+    saved = read_metadata(path)
+    configs = {name: saved.get(name) or infer_config(name, part, version) for name, part in parts.items()}
+    scheduler = saved.get("scheduler") or default_scheduler("epsilon")
+    return Checkpoint(parts, configs, scheduler, {"format": sniff_format(path), "version": version,
+                                                  "inferred": not saved})
+
+
+def read_metadata(path: Path) -> dict:
+    """The configs nanodiffusion stores in a .safetensors header ({} for other files)."""
+    if sniff_format(path) != "safetensors":
+        return {}
+    with safe_open(path, "pt") as f:
+        text = (f.metadata() or {}).get(METADATA_KEY)
+    return json.loads(text) if text else {}
+
+
+# ---- Configs inferred from tensor shapes (diffusers / transformers config.json keys) ----
+
+def infer_config(part: str, sd: dict[str, Tensor], version: str) -> dict:
+    """The config.json for one part, inferred from its state dict."""
+    return {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_text_config}[part](sd, version)
+
+
+def infer_unet_config(sd: dict[str, Tensor], version: str) -> dict:
+    """UNet config from shapes. Head counts are not in the shapes: SD 1.x uses 8 heads, SD 2.x heads of
+    width 64 (diffusers' attention_head_dim = heads per level, [5, 10, 20, 20])."""
+    levels = count_indices(sd, "down_blocks.")
+    channels = [sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
+    down = [has_prefix(sd, f"down_blocks.{i}.attentions.") for i in range(levels)]
+    up = [has_prefix(sd, f"up_blocks.{i}.attentions.") for i in range(levels)]
+    proj_in = next((t for k, t in sd.items() if k.endswith("proj_in.weight")), None)
+    context = next((t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    if proj_in is None or context is None:
+        raise NanoDiffusionError("the UNet has no cross-attention: not a text-to-image Stable Diffusion checkpoint")
+    return {"_class_name": "UNet2DConditionModel", "sample_size": 64,
+            "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
+            "block_out_channels": channels, "layers_per_block": count_indices(sd, "down_blocks.0.resnets."),
+            "cross_attention_dim": context, "use_linear_projection": proj_in.ndim == 2,
+            "attention_head_dim": [c // 64 for c in channels] if version == "v2" else 8,
+            "transformer_layers_per_block": count_indices(sd, "mid_block.attentions.0.transformer_blocks."),
+            "norm_num_groups": 32}
+
+
+def infer_vae_config(sd: dict[str, Tensor], version: str) -> dict:
+    """AutoencoderKL config from shapes; latents are scaled by 0.18215 (SD 1.x / 2.x)."""
+    levels = count_indices(sd, "encoder.down_blocks.")
+    return {"_class_name": "AutoencoderKL", "sample_size": 512,
+            "in_channels": sd["encoder.conv_in.weight"].shape[1],
+            "out_channels": sd["decoder.conv_out.weight"].shape[0],
+            "latent_channels": sd["decoder.conv_in.weight"].shape[1],
+            "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
+                                   for i in range(levels)],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "layers_per_block": count_indices(sd, "encoder.down_blocks.0.resnets."), "norm_num_groups": 32,
+            "scaling_factor": 0.18215}
+
+
+def infer_text_config(sd: dict[str, Tensor], version: str) -> dict:
+    """CLIPTextModel config from shapes: heads of width 64; OpenAI CLIP (v1) uses quick_gelu, OpenCLIP (v2) gelu."""
+    tokens = sd["text_model.embeddings.token_embedding.weight"]
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "vocab_size": tokens.shape[0], "hidden_size": tokens.shape[1],
+            "intermediate_size": sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            "max_position_embeddings": sd["text_model.embeddings.position_embedding.weight"].shape[0],
+            "num_hidden_layers": count_indices(sd, "text_model.encoder.layers."),
+            "num_attention_heads": tokens.shape[1] // 64,
+            "hidden_act": "gelu" if version == "v2" else "quick_gelu", "layer_norm_eps": 1e-5,
+            "projection_dim": 512 if version == "v2" else 768, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+
+
+def default_scheduler(prediction: str) -> dict:
+    """The SD training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps."""
+    return {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "prediction_type": prediction, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
+
+
+# ---- Diffusers folders ----
+
+def is_diffusers_folder(path: Path) -> bool:
+    """A diffusers pipeline folder has model_index.json or at least unet/config.json."""
+    return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+
+
+def part_weights(folder: Path) -> Path:
+    """A part's weights file, preferring safetensors over pickles and fp32 over the .fp16 variant."""
+    found = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
+    if found is None:
+        raise NanoDiffusionError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_NAMES[:2])}, ...)")
+    return found
+
+
+def read_json(path: Path) -> dict:
+    """A JSON config file, with a one-line error when it is missing or broken."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NanoDiffusionError(f"{path}: missing; the diffusers folder is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise NanoDiffusionError(f"{path}: not valid JSON ({e})") from None
+
+
+def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Older diffusers folders name the VAE attention query / key / value / proj_attn."""
+    names = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for key, tensor in sd.items():
+        for old, new in names.items():
+            key = key.replace(old, new)
+        out[key] = tensor
+    return out
+
+
+NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names}
+
+
+def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
+    """A diffusers pipeline folder: model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
+    if not is_diffusers_folder(path):
+        raise NanoDiffusionError(f"{path}: a folder but not a diffusers pipeline (no model_index.json or "
+                                 "unet/config.json); pass a checkpoint file or a diffusers folder")
+    parts, configs = {}, {}
+    for name in [p for p in PARTS if p == "unet" or (path / p).is_dir()]:
+        config = read_json(path / name / "config.json")
+        configs[name] = config.get("text_config", config)
+        parts[name] = NAME_FIXES[name](load_state_dict(part_weights(path / name), keep_dtype=keep_dtype))
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_file) if scheduler_file.is_file() else default_scheduler("epsilon")
+    tokenizer = path / "tokenizer"
+    version = version_from_unet(parts["unet"])
+    return Checkpoint(parts, configs, scheduler, {"format": "diffusers", "version": version},
+                      tokenizer if tokenizer.is_dir() else None)
+
+
+def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:
+    """Write a diffusers pipeline folder that diffusers.StableDiffusionPipeline.from_pretrained loads."""
+    folder = Path(folder)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False, "scheduler": PART_CLASSES["scheduler"]}
+    for name, sd in ckpt.parts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        config = with_class(name, ckpt.configs[name])
+        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+        weights = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        save_file({k: t.contiguous() for k, t in sd.items()}, folder / name / weights)
+        index[name] = PART_CLASSES[name]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    scheduler = {"_class_name": PART_CLASSES["scheduler"][1], **ckpt.scheduler, "_diffusers_version": DIFFUSERS_VERSION}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    if ckpt.tokenizer_dir is not None:
+        save_tokenizer(Path(ckpt.tokenizer_dir), folder / "tokenizer", ckpt.info.get("version", "v1"))
+        index["tokenizer"] = PART_CLASSES["tokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def with_class(part: str, config: dict) -> dict:
+    """A config dict with the class names diffusers / transformers expect in config.json."""
+    if part == "text_encoder":
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config}
+    return {"_class_name": PART_CLASSES[part][1], "_diffusers_version": DIFFUSERS_VERSION, **config}
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """A CLIP BPE tokenizer: vocab.json + merges.txt, or the tokenizer.json transformers 5 writes."""
+    return (folder / "tokenizer.json").is_file() or all((folder / name).is_file() for name in TOKENIZER_FILES[:2])
+
+
+def save_tokenizer(source: Path, target: Path, version: str) -> None:
+    """Copy a CLIP BPE tokenizer's files and write its tokenizer_config.json
+    (SD 2.x pads with "!", SD 1.x with the end-of-text token)."""
+    if not has_tokenizer(source):
+        raise NanoDiffusionError(f"{source}: no vocab.json + merges.txt; pass a folder with the CLIP tokenizer files")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    end = "<|endoftext|>"
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+              "eos_token": end, "unk_token": end, "pad_token": "!" if version == "v2" else end,
+              "do_lower_case": True}
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_single_file(ckpt: Checkpoint, path: str | Path) -> None:
+    """Write an original-layout .safetensors file; our configs ride along in its metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise NanoDiffusionError(f"{path}: single files are written as .safetensors only; use that extension")
+    sd = diffusers_to_original(ckpt.parts, open_clip=ckpt.info.get("version") == "v2" or None)
+    metadata = {METADATA_KEY: json.dumps({**ckpt.configs, "scheduler": ckpt.scheduler})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in sd.items()}, path, metadata=metadata)
+
+
+# ---- Hash, info, convert ----
+
+def model_hash(path: str | Path) -> str:
+    """The web UI's "Model hash": the first 10 hex digits of the file's sha256 (a folder: its UNet weights)."""
+    path = Path(path)
+    if path.is_dir():
+        path = part_weights(path / "unet")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def describe(path: str | Path) -> dict:
+    """What a checkpoint holds, for `nanodiff info`: format, version, inpainting, parameters, dtype, hash."""
+    ckpt = load_checkpoint(path, keep_dtype=True)
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for sd in ckpt.parts.values() for t in sd.values())
+    return {**ckpt.info, "parameters": {name: sum(t.numel() for t in sd.values()) for name, sd in ckpt.parts.items()},
+            "dtype": dtypes.most_common(1)[0][0], "hash": model_hash(path)}
+
+
+def convert(source: str | Path, destination: str | Path, *, prediction: str | None = None,
+            tokenizer: str | Path | None = None) -> None:
+    """Convert a checkpoint: to a diffusers folder, or (destination ending in .safetensors) to one original file."""
+    ckpt = load_checkpoint(source, prediction=prediction)
+    if tokenizer is not None:
+        ckpt.tokenizer_dir = Path(tokenizer)
+    destination = Path(destination)
+    if destination.suffix in PICKLE_SUFFIXES + (".safetensors",):
+        save_single_file(ckpt, destination)
+    else:
+        save_diffusers(ckpt, destination)

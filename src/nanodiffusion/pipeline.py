@@ -1,0 +1,306 @@
+"""The Stable Diffusion pipeline: prompt -> text encoder -> sampler loop over the UNet -> VAE -> images.
+
+txt2img starts from seeded noise at the first sigma; img2img starts from the encoded image noised to
+the sigma that `strength` selects; inpainting either feeds a 9-channel inpainting UNet the mask and the
+masked image, or (ordinary checkpoints) pins the known region: the denoiser returns the encoded image
+there, so every ODE step carries the known region along its exact noising path (x = z0 + sigma * noise).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .controlnet_files import prepare_control_image
+from .denoisers import Denoiser
+from .errors import NanoDiffusionError
+from .guidance import cfg_denoiser
+from .images import mask_to_tensor, to_pil, to_tensor
+from .lora_files import extract_lora_tags, find_lora, load_lora
+from .models.controlnet import controlnet_unet
+from .prompts import encode_prompts, format_parameters
+from .samplers import get_sampler
+from .schedules import NoiseSchedule
+
+MAX_BATCH = 64
+MAX_SIDE = 2048
+SMALL_LATENT = 32 * 32
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop a generation cleanly."""
+
+
+@dataclass
+class Pipeline:
+    """A loaded text-to-image model: UNet, VAE, text encoder, tokenizer and noise schedule."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    schedule: NoiseSchedule
+    prediction: str = "epsilon"
+    name: str = "model"
+    model_hash: str = ""
+    default_size: int = 512
+    default_cfg: float = 7.0
+    clip_skip: int = 1
+    loras: list[tuple[Path, float]] = field(default_factory=list)
+    controlnet: torch.nn.Module | None = None
+    lora_dir: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
+             prediction: str | None = None) -> "Pipeline":
+        """Load the built-in model (path None), a diffusers folder, or an original single file."""
+        from .loading import load_pipeline
+
+        return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """True for 9-channel inpainting UNets (latents + mask + masked-image latents)."""
+        return self.unet.config.in_channels == 9
+
+    def check_size(self, width: int, height: int) -> None:
+        """Sizes must be positive multiples of 8 (and of the VAE factor) and not absurdly large."""
+        step = max(8, self.vae_scale)
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % step or value > MAX_SIDE:
+                raise NanoDiffusionError(
+                    f"{name} {value} is not allowed: use a multiple of {step} between {step} and {MAX_SIDE}")
+
+    def encode_text(self, prompts: list[str], negatives: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts and negative prompts together so both get the same number of chunks."""
+        context = encode_prompts(self.text_encoder, self.tokenizer, prompts + negatives, clip_skip=clip_skip)
+        return context[: len(prompts)], context[len(prompts):]
+
+    @contextmanager
+    def lora_applied(self, loras: list[tuple[Path, float]]):
+        """Apply LoRAs at run time (unmerged, each with its weight) for the duration of a generation."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        networks = [load_lora(path, models).apply_unmerged(weight) for path, weight in loras]
+        try:
+            yield
+        finally:
+            for network in reversed(networks):
+                network.remove()
+
+    def prompt_loras(self, prompt: str) -> tuple[str, list[tuple[Path, float]]]:
+        """Strip `<lora:NAME:W>` tags from a prompt and resolve them in the LoRA folder."""
+        text, tags = extract_lora_tags(prompt)
+        if tags and self.lora_dir is None:
+            raise NanoDiffusionError("the prompt names LoRAs (<lora:...>) but no LoRA folder is set: "
+                                     "pass --lora-dir FOLDER")
+        return text, [(find_lora(name, self.lora_dir), weight) for name, weight in tags]
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents, one posterior sample per image with its own generator."""
+        latents = [self.vae.encode(image[i:i + 1]).sample(generator=g) for i, g in enumerate(generators)]
+        return torch.cat(latents) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        steps: int = 20,
+        sampler: str = "euler_a",
+        schedule: str = "default",
+        cfg: float | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        init_image: Image.Image | None = None,
+        strength: float = 0.75,
+        mask: Image.Image | None = None,
+        eta: float | None = None,
+        clip_skip: int | None = None,
+        control_image: Image.Image | None = None,
+        control_scale: float = 1.0,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Generate `batch` images (seeds seed, seed+1, ...); each carries its PNG parameters text."""
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise NanoDiffusionError("prompt and negative prompt must be text")
+        text, tagged = self.prompt_loras(prompt)
+        cells = (width or self.default_size) * (height or self.default_size) // self.vae_scale**2
+        with self.lora_applied(self.loras + tagged), thread_budget(cells):
+            return self.generate(
+                text, negative_prompt, steps=steps, sampler=sampler, schedule=schedule, cfg=cfg, seed=seed,
+                width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
+                eta=eta, clip_skip=clip_skip, control_image=control_image, control_scale=control_scale,
+                callback=callback, progress=progress, shown_prompt=prompt)
+
+    def generate(self, prompt: str, negative_prompt: str, *, steps: int, sampler: str, schedule: str,
+                 cfg: float | None, seed: int | None, width: int | None, height: int | None, batch: int,
+                 init_image: Image.Image | None, strength: float, mask: Image.Image | None, eta: float | None,
+                 clip_skip: int | None, control_image: Image.Image | None, control_scale: float,
+                 callback: Callable[[int, int, torch.Tensor], None] | None,
+                 progress: bool, shown_prompt: str) -> list[Image.Image]:
+        """The sampling loop of __call__, with LoRAs already applied and tags removed from the prompt."""
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        cfg = self.default_cfg if cfg is None else cfg
+        clip_skip = clip_skip or self.clip_skip
+        self.check_size(width, height)
+        if not 1 <= batch <= MAX_BATCH:
+            raise NanoDiffusionError(f"batch {batch} is not allowed: use 1 to {MAX_BATCH}")
+        if (self.controlnet is None) != (control_image is None):
+            raise NanoDiffusionError("a ControlNet needs a control image and a control image needs a ControlNet: "
+                                     "pass both --controlnet FILE and --control-image IMAGE")
+        if self.controlnet is not None and mask is not None and self.is_inpainting_model:
+            raise NanoDiffusionError("ControlNet with a 9-channel inpainting model is not supported: "
+                                     "inpaint with an ordinary checkpoint instead")
+        if mask is not None and init_image is None:
+            raise NanoDiffusionError("a mask needs an init image to inpaint: pass --init IMAGE too")
+        if init_image is not None and not 0.0 < strength <= 1.0:
+            raise NanoDiffusionError(f"strength {strength} is not allowed: use a value in (0, 1]")
+        info = get_sampler(sampler)
+        seed = random.randrange(2**32) if seed is None or seed < 0 else seed
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+        if eta is not None and eta < 0:
+            raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = ancestral)")
+        options = {"eta": eta} if eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
+
+        sigmas = info.sigmas(self.schedule, steps, schedule)
+        cond, uncond = self.encode_text([prompt] * batch, [negative_prompt] * batch, clip_skip)
+        shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        net = self.unet_function(control_image, control_scale, width, height)
+        known = None
+        if init_image is not None:
+            image = to_tensor(init_image, (width, height)).expand(batch, -1, -1, -1)
+            start = steps - min(int(steps * strength), steps)
+            sigmas = info.truncate(sigmas, start)
+            if len(sigmas) < 2:
+                raise NanoDiffusionError(f"strength {strength} with {steps} steps leaves nothing to do: "
+                                         "raise the strength or the steps")
+            if start > 0 or mask is None or not self.is_inpainting_model:
+                known = self.encode_image(image, generators)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        if known is None or (mask is not None and start == 0):
+            x = noise * info.initial_noise_scale(sigmas, self.schedule.timestep_spacing)
+        else:
+            x = known + noise * sigmas[0]
+
+        denoiser = Denoiser(net, self.schedule, self.prediction, info.multistep)
+        if mask is not None:
+            pixel_mask = mask_to_tensor(mask, (width, height))
+            latent_mask = torch.nn.functional.interpolate(pixel_mask, size=shape[-2:])
+            if self.is_inpainting_model:
+                masked = self.encode_image(image * (pixel_mask < 0.5), generators)
+                net = self.inpainting_function(latent_mask.expand(batch, -1, -1, -1), masked)
+                denoiser = Denoiser(net, self.schedule, self.prediction, info.multistep)
+            else:
+                denoiser = pin_known_region(denoiser, latent_mask, known)
+        guided = cfg_denoiser(denoiser, {"context": cond}, {"context": uncond}, cfg)
+
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
+
+        def on_step(i: int, sigma: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(i + 1, len(sigmas) - 1, denoised)
+
+        with torch.no_grad():
+            x = info.fn(guided, x, sigmas, generator=generators, callback=on_step, **options)
+        bar.close()
+        final_sigma = float(sigmas[-1])
+        if final_sigma > 0:
+            x = x / math.sqrt(1 + final_sigma**2)
+        images = to_pil(self.decode(x))
+        for i, out in enumerate(images):
+            out.info["parameters"] = self.parameters_text(
+                shown_prompt, negative_prompt, steps=steps, sampler=info.display_name, schedule=schedule,
+                cfg=cfg, seed=seed + i, width=width, height=height, clip_skip=clip_skip,
+                strength=strength if init_image is not None else None)
+        return images
+
+    def parameters_text(self, prompt: str, negative: str, *, steps: int, sampler: str, schedule: str,
+                        cfg: float, seed: int, width: int, height: int, clip_skip: int,
+                        strength: float | None) -> str:
+        """The generation parameters in the popular web UI's PNG "parameters" layout."""
+        return format_parameters(prompt, negative, {
+            "Steps": steps, "Sampler": sampler,
+            "Schedule type": None if schedule == "default" else schedule.capitalize(),
+            "CFG scale": f"{cfg:g}", "Seed": seed, "Size": f"{width}x{height}",
+            "Model hash": self.model_hash or None, "Model": self.name,
+            "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
+            "Version": "nanodiffusion",
+        })
+
+    def unet_function(self, control_image: Image.Image | None, control_scale: float, width: int,
+                      height: int) -> Callable[..., torch.Tensor]:
+        """The network as the denoiser calls it: net(x_in, t, context=...) -> prediction (ControlNet-steered
+        when a ControlNet is loaded)."""
+        if self.controlnet is not None:
+            image = prepare_control_image(control_image, width, height)
+            return controlnet_unet(self.unet, self.controlnet, image, control_scale)
+        unet = self.unet
+
+        def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, context)
+
+        return net
+
+    def inpainting_function(self, mask: torch.Tensor, masked: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """A 9-channel inpainting UNet sees [latents, mask, masked-image latents] (Rombach et al. 2022)."""
+        unet = self.unet
+
+        def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            repeat = x.shape[0] // mask.shape[0]
+            extra = torch.cat([mask, masked], dim=1).repeat(repeat, 1, 1, 1)
+            return unet(torch.cat([x, extra], dim=1), t, context)
+
+        return net
+
+
+def pin_known_region(denoiser: Callable[..., torch.Tensor], mask: torch.Tensor,
+                     known: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Inpainting with an ordinary model: D'(x, sigma) = m * D(x, sigma) + (1 - m) * z0."""
+
+    def pinned(x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        repeat = x.shape[0] // known.shape[0]
+        z0 = known.repeat(repeat, 1, 1, 1)
+        return mask * denoiser(x, sigma, **cond) + (1 - mask) * z0
+
+    return pinned
+
+
+@contextmanager
+def thread_budget(latent_cells: int):
+    """Tiny latents run faster on one thread: splitting small kernels across cores costs more than it saves,
+    and far more on a busy machine. The user's OMP_NUM_THREADS, when set, is respected."""
+    if latent_cells > SMALL_LATENT or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,148 @@
+"""Prompt syntax: emphasis weights, 75-token chunks, weighted text encoding, PNG "parameters" text.
+
+The emphasis syntax is the one the popular web UI made standard:
+`(word)` multiplies attention by 1.1, `[word]` divides by 1.1, `(word:1.3)` sets 1.3, and nesting
+multiplies; `\\(` and `\\)` are literal brackets. Prompts longer than one chunk are split into chunks
+of `model_max_length - 2` tokens, each encoded on its own and concatenated along the sequence.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol, Sequence
+
+import torch
+
+from .errors import NanoDiffusionError
+
+EMPHASIS = 1.1
+MAX_PROMPT_CHARS = 20_000
+
+_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+
+
+class Tokenizer(Protocol):
+    model_max_length: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs following the (word:1.3) / (word) / [word] syntax."""
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            runs.append([token[1:] or token, 1.0])
+        elif token == "(":
+            round_open.append(len(runs))
+        elif token == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), EMPHASIS)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), 1 / EMPHASIS)
+        else:
+            runs.append([token, 1.0])
+    for start in round_open:
+        scale(start, EMPHASIS)
+    for start in square_open:
+        scale(start, 1 / EMPHASIS)
+    merged: list[tuple[str, float]] = []
+    for chunk, weight in runs:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + chunk, weight)
+        else:
+            merged.append((chunk, weight))
+    return merged or [("", 1.0)]
+
+
+def weighted_tokens(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """Token ids of a prompt (no start/end tokens) with the emphasis weight of each token."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise NanoDiffusionError(
+            f"prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}: shorten it")
+    ids: list[int] = []
+    weights: list[float] = []
+    for chunk, weight in parse_emphasis(text):
+        chunk_ids = tokenizer.encode(chunk)
+        ids += chunk_ids
+        weights += [weight] * len(chunk_ids)
+    return ids, weights
+
+
+def chunk_tokens(tokenizer: Tokenizer, ids: list[int], weights: list[float],
+                 n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay tokens out as n_chunks rows of [bos, up to L-2 tokens, eos, pad...] with per-token weights."""
+    length = tokenizer.model_max_length
+    body = length - 2
+    rows, row_weights = [], []
+    for c in range(n_chunks):
+        part = ids[c * body:(c + 1) * body]
+        part_w = weights[c * body:(c + 1) * body]
+        pad = body - len(part)
+        rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
+        row_weights.append([1.0, *part_w, 1.0] + [1.0] * pad)
+    return torch.tensor(rows), torch.tensor(row_weights)
+
+
+def chunks_needed(tokenizer: Tokenizer, n_tokens: int) -> int:
+    """How many model_max_length chunks a prompt of n_tokens tokens occupies (at least one)."""
+    body = tokenizer.model_max_length - 2
+    return max(1, -(-n_tokens // body))
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
+                   clip_skip: int = 1) -> torch.Tensor:
+    """Encode prompts to [B, chunks*L, D]; weights scale token embeddings, then the mean is restored."""
+    tokenized = [weighted_tokens(tokenizer, p) for p in prompts]
+    n_chunks = max(chunks_needed(tokenizer, len(ids)) for ids, _ in tokenized)
+    out = []
+    for ids, weights in tokenized:
+        rows, row_weights = chunk_tokens(tokenizer, ids, weights, n_chunks)
+        z = text_encoder(rows, clip_skip=clip_skip)
+        if (row_weights != 1).any():
+            mean_before = z.mean()
+            z = z * row_weights.unsqueeze(-1).to(z)
+            z = z * (mean_before / z.mean())
+        out.append(z.reshape(1, -1, z.shape[-1]))
+    return torch.cat(out)
+
+
+def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
+    """The PNG "parameters" text as the popular web UI writes it: prompt, negative, then key: value."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items() if value is not None))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of format_parameters: (prompt, negative prompt, settings)."""
+    lines = text.strip().split("\n")
+    settings: dict[str, str] = {}
+    if lines and re.match(r"^(\w[\w ]*: [^,]+)(, \w[\w ]*: [^,]+)*$", lines[-1]):
+        for item in lines.pop().split(", "):
+            key, _, value = item.partition(": ")
+            settings[key] = value
+    negative = ""
+    for i, line in enumerate(lines):
+        if line.startswith("Negative prompt: "):
+            negative = "\n".join([line[len("Negative prompt: "):], *lines[i + 1:]])
+            lines = lines[:i]
+            break
+    return "\n".join(lines), negative, settings

@@ -1,0 +1,127 @@
+"""Request guards in front of every route: allowed hosts, HTTP basic auth, same-origin writes, body size.
+
+A server on loopback is still reachable by any web page the user opens, so: writes (POST/PUT/PATCH/
+DELETE) whose Origin header names another host than the Host header get 403, and, when serving on
+loopback only, a Host header naming anything but loopback gets 403 (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from urllib.parse import urlsplit
+
+from ..errors import NanoDiffusionError
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """"user:pass[,user2:pass2]" -> [(user, pass), ...]; None -> no auth."""
+    if not text:
+        return None
+    pairs = [item.partition(":") for item in text.split(",")]
+    if any(not user or not sep or not password for user, sep, password in pairs):
+        raise NanoDiffusionError("--api-auth must look like USER:PASS (several: USER:PASS,USER2:PASS2)")
+    return [(user, password) for user, _, password in pairs]
+
+
+def authority(host: str, scheme: str) -> tuple[str, int | None]:
+    """(hostname, port) of a "host[:port]" string, with the scheme's default port filled in."""
+    parts = urlsplit(f"//{host}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return (parts.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+class Guard:
+    """ASGI middleware: reject bad requests before they reach the app (403 / 401 / 413)."""
+
+    def __init__(self, app, *, credentials: list[tuple[str, str]] | None = None, max_body: int = 32 << 20,
+                 allowed_hosts: set[str] | None = None) -> None:
+        self.app = app
+        self.credentials = credentials
+        self.max_body = max_body
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        problem = self.problem(scope, headers)
+        if problem is None:
+            body, problem = await self.read_body(receive, headers)
+        if problem is not None:
+            await reject(send, *problem)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def problem(self, scope, headers: dict[str, str]) -> tuple[int, str, dict[str, str]] | None:
+        """The first check the request fails, as (status, message, extra headers), or None."""
+        scheme = scope.get("scheme", "http")
+        host = authority(headers.get("host", ""), scheme)
+        if self.allowed_hosts is not None and host[0] not in self.allowed_hosts:
+            return 403, f"host {host[0]!r} is not allowed on a loopback server: use --listen to serve others", {}
+        if self.credentials is not None and not self.authorized(headers.get("authorization", "")):
+            return 401, "authentication required", {"www-authenticate": 'Basic realm="nanodiffusion"'}
+        origin = headers.get("origin")
+        if scope["method"] not in SAFE_METHODS and origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme != scheme or authority(parts.netloc, parts.scheme) != host:
+                return 403, f"cross-origin request from {origin} refused", {}
+        return None
+
+    def authorized(self, header: str) -> bool:
+        """Check an "Authorization: Basic ..." header against every configured user in constant time."""
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        matches = [secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(), p.encode())
+                   for u, p in self.credentials]
+        return any(matches)
+
+    async def read_body(self, receive, headers: dict[str, str]) -> tuple[bytes, tuple[int, str, dict] | None]:
+        """Read the whole body, refusing it (413) as soon as it passes the limit."""
+        too_large = 413, f"request body larger than {self.max_body} bytes", {}
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return b"", too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", (400, "client disconnected", {})
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return b"", too_large
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+async def reject(send, status: int, message: str, headers: dict[str, str]) -> None:
+    """Answer with {"detail": message} like FastAPI's own errors."""
+    body = json.dumps({"detail": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(key.encode(), value.encode()) for key, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

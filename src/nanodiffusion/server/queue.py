@@ -1,0 +1,225 @@
+"""One generation at a time: a worker thread, a bounded queue of jobs, progress, previews, interrupts.
+
+HTTP handlers never touch the model. They submit a `Job` (the pipeline's keyword arguments, how many
+iterations, whether to save), and read its progress; the single worker thread runs jobs in order, turns
+the sampler's x0 estimate into a preview image at every step, and honours cancel / interrupt / skip by
+raising `Interrupted` from the pipeline callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import NanoDiffusionError
+from ..images import save_png, to_pil
+from ..pipeline import Interrupted
+from .encoding import image_to_b64
+
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED = 64
+
+
+class QueueFull(Exception):
+    """Raised by `Worker.submit` when the queue already holds its maximum number of waiting jobs."""
+
+
+@dataclass
+class Job:
+    """One request: `n_iter` pipeline calls with seeds seed, seed + batch, ... and its live state."""
+
+    kwargs: dict[str, Any]
+    n_iter: int = 1
+    save: bool = False
+    previews: bool = True
+    preview_every: int = 1
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: str = "queued"  # queued -> running -> done | cancelled | failed
+    iteration: int = 0
+    step: int = 0
+    total: int = 0
+    preview: str | None = None  # base64 PNG of the latest x0 estimate
+    preview_version: int = 0
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # the seed of each image
+    saved: list[str] = field(default_factory=list)  # paths relative to the outputs folder
+    error: str | None = None
+    error_status: int = 0
+    created: float = field(default_factory=time.time)
+    started: float = 0.0
+    interrupt: bool = False
+    skip: bool = False
+    version: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of all steps of all iterations finished, in [0, 1]."""
+        if self.status == "done":
+            return 1.0
+        per_iteration = self.step / self.total if self.total else 0.0
+        return min(1.0, (self.iteration + per_iteration) / self.n_iter)
+
+    @property
+    def eta(self) -> float:
+        """Seconds left, extrapolated from the time taken so far."""
+        progress = self.progress
+        if not self.started or progress <= 0:
+            return 0.0
+        elapsed = time.time() - self.started
+        return elapsed / progress - elapsed
+
+    def changed(self) -> None:
+        """Mark the job as updated so watchers (the SSE stream) send a new event."""
+        self.version += 1
+
+    def finish(self, status: str, error: str | None = None, error_status: int = 0) -> None:
+        """Enter a final state and wake whoever waits on the job."""
+        self.status, self.error, self.error_status = status, error, error_status
+        self.changed()
+        self.done.set()
+
+
+class Worker:
+    """Runs jobs one at a time on a daemon thread; at most `max_queue` jobs wait behind the running one."""
+
+    def __init__(self, pipeline: Any, outputs: Path | None, max_queue: int = 8) -> None:
+        self.pipeline = pipeline
+        self.outputs = outputs
+        self.max_queue = max_queue
+        self.waiting: list[Job] = []
+        self.current: Job | None = None
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.lock = threading.Condition()
+        self.thread = threading.Thread(target=self.loop, name="nanodiffusion-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> int:
+        """Queue a job and return its position (1 = next to run); raise QueueFull when full."""
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting): retry later")
+            self.waiting.append(job)
+            self.jobs[job.id] = job
+            self.forget_old()
+            self.lock.notify()
+            return len(self.waiting)
+
+    def position(self, job: Job) -> int:
+        """1-based place in the queue of a waiting job, 0 once it runs."""
+        with self.lock:
+            return self.waiting.index(job) + 1 if job in self.waiting else 0
+
+    def job_count(self) -> int:
+        """Jobs running or waiting."""
+        with self.lock:
+            return len(self.waiting) + (self.current is not None)
+
+    def cancel(self, job: Job) -> None:
+        """Drop a waiting job, or stop the running one at its next step."""
+        with self.lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                job.finish("cancelled")
+                self.touch_waiting()
+            elif job is self.current:
+                job.interrupt = True
+
+    def interrupt(self) -> None:
+        """Stop the running job (all its iterations), like the web UI's Interrupt."""
+        with self.lock:
+            if self.current is not None:
+                self.current.interrupt = True
+
+    def skip(self) -> None:
+        """Stop the running job's current iteration and go on with the next one."""
+        with self.lock:
+            if self.current is not None:
+                self.current.skip = True
+
+    def forget_old(self) -> None:
+        """Keep only the latest finished jobs (plus all live ones)."""
+        finished = [key for key, job in self.jobs.items() if job.done.is_set()]
+        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self.jobs[key]
+
+    def touch_waiting(self) -> None:
+        """Queue positions moved: let every waiting job's watchers know."""
+        for job in self.waiting:
+            job.changed()
+
+    def loop(self) -> None:
+        """The worker thread: take the next job, run it, repeat."""
+        while True:
+            with self.lock:
+                while not self.waiting:
+                    self.lock.wait()
+                job = self.current = self.waiting.pop(0)
+                self.touch_waiting()
+            try:
+                self.run(job)
+            finally:
+                with self.lock:
+                    self.current = None
+
+    def run(self, job: Job) -> None:
+        """Run a job's iterations; failures become the job's error, never kill the worker."""
+        job.status, job.started = "running", time.time()
+        job.changed()
+        try:
+            for iteration in range(job.n_iter):
+                if job.interrupt:
+                    break
+                job.iteration, job.step, job.skip = iteration, 0, False
+                seed = job.kwargs["seed"] + iteration * job.kwargs.get("batch", 1)
+                try:
+                    images = self.pipeline(**{**job.kwargs, "seed": seed}, callback=self.callback(job))
+                except Interrupted:
+                    continue
+                job.images.extend(images)
+                job.seeds.extend(seed + i for i in range(len(images)))
+                if job.save:
+                    job.saved.extend(self.save(image, seed + i) for i, image in enumerate(images))
+                job.changed()
+        except NanoDiffusionError as error:
+            job.finish("failed", str(error), 400)
+        except Exception as error:  # noqa: BLE001 - report any model failure to the client, keep serving
+            log.exception("generation failed")
+            job.finish("failed", f"generation failed: {type(error).__name__}: {error}", 500)
+        else:
+            job.finish("cancelled" if job.interrupt and not job.images else "done")
+
+    def callback(self, job: Job):
+        """The pipeline callback: record the step, publish a preview of x0, stop when asked."""
+
+        def on_step(step: int, total: int, x0: torch.Tensor) -> None:
+            if job.interrupt or job.skip:
+                raise Interrupted
+            job.step, job.total = step, total
+            if job.previews and (step % job.preview_every == 0 or step == total):
+                job.preview = image_to_b64(to_pil(self.pipeline.decode(x0[:1]))[0])
+                job.preview_version += 1
+            job.changed()
+
+        return on_step
+
+    def save(self, image: Image.Image, seed: int) -> str:
+        """Write a PNG as outputs/YYYY-MM-DD/NNNNN-SEED.png; the name never comes from the request."""
+        folder = self.outputs / date.today().isoformat()
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+        name = f"{max(numbers, default=0) + 1:05d}-{seed}.png"
+        save_png(image, folder / name)
+        return f"{folder.name}/{name}"

@@ -1,0 +1,191 @@
+"""The built-in model: Stable Diffusion's recipe at toy scale, and the folder it ships as.
+
+64x64 RGB scenes -> VAE (4x down) -> 16x16x4 latents; a 3-layer CLIP text transformer over the
+shapes vocabulary, trained jointly with a small cross-attention UNet. See docs/builtin.md.
+
+    nanodiff train builtin train --output runs/builtin    # both stages, then ship (docs/builtin.md)
+    nanodiff train builtin ship runs/builtin/diffusion/model   # ship a trained pipeline folder as fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .save import save_module
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "weights" / "builtin"
+MAX_TOKENS = 24
+
+BUILTIN_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 64,
+    "scaling_factor": 1.0,
+}
+
+BUILTIN_TEXT_ENCODER = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "projection_dim": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_TOKENS,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+}
+
+BUILTIN_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [64, 128, 192],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 128,
+    "attention_head_dim": 4,
+}
+
+# Stable Diffusion's training schedule (scaled-linear betas 0.00085 -> 0.012 over 1000 steps), epsilon target.
+BUILTIN_SCHEDULER = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
+
+# Guidance scale the shipped model is tuned for (read by the loader as the default --cfg).
+BUILTIN_CFG = 4.0
+
+# Training settings of the two stages (also the defaults of `nanodiff train vae` / `diffusion`).
+# The UNet trains in fp32: on the CPU it was measured faster than under bf16 autocast.
+VAE_RECIPE = {"steps": 600, "batch_size": 32, "lr": 5e-4, "warmup": 100, "mixed_precision": "bf16",
+              "checkpoint_every": 200, "preview_every": 200}
+DIFFUSION_RECIPE = {"steps": 6400, "batch_size": 32, "lr": 3e-4, "warmup": 200, "mixed_precision": "no",
+                    "checkpoint_every": 200, "preview_every": 250}
+
+
+def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                          tokenizer: object, scheduler: dict, dtype: torch.dtype = torch.float32,
+                          name: str = "model") -> Path:
+    """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_module(unet, unet.config.to_dict(), folder / "unet", "diffusion_pytorch_model.safetensors", dtype)
+    save_module(vae, vae.config.to_dict(), folder / "vae", "diffusion_pytorch_model.safetensors", dtype)
+    save_module(text_encoder, text_encoder.config.to_dict(), folder / "text_encoder", "model.safetensors", dtype)
+    shutil.rmtree(folder / "tokenizer", ignore_errors=True)
+    tokenizer.save(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_nanodiffusion": {"name": name, "default_size": vae.config.sample_size,
+                           "default_cfg": BUILTIN_CFG},
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["nanodiffusion", "WordTokenizer"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def load_pipeline_parts(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, object]:
+    """Read back (unet, vae, text_encoder, tokenizer) from a folder written by `write_pipeline_folder`."""
+    from safetensors.torch import load_file
+
+    from ..models.clip import CLIPTextConfig, CLIPTextModel
+    from ..models.unet import UNet2DConditionModel, UNetConfig
+    from ..models.vae import AutoencoderKL, VAEConfig
+    from ..models.word_tokenizer import WordTokenizer
+
+    folder = Path(folder)
+    parts = []
+    for name, config_cls, model_cls, filename in (
+            ("unet", UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model.safetensors"),
+            ("vae", VAEConfig, AutoencoderKL, "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", CLIPTextConfig, CLIPTextModel, "model.safetensors")):
+        config = json.loads((folder / name / "config.json").read_text())
+        model = model_cls(config_cls.from_dict(config))
+        model.load_state_dict({k: v.float() for k, v in load_file(folder / name / filename).items()})
+        parts.append(model.eval())
+    return (*parts, WordTokenizer.load(folder / "tokenizer"))
+
+
+def ship(source: Path, destination: Path = BUILTIN_DIR) -> Path:
+    """Copy a trained pipeline folder into the package as fp16 safetensors (the built-in model)."""
+    unet, vae, text_encoder, tokenizer = load_pipeline_parts(source)
+    scheduler = json.loads((Path(source) / "scheduler" / "scheduler_config.json").read_text())
+    return write_pipeline_folder(destination, unet, vae, text_encoder, tokenizer, scheduler, torch.float16,
+                                 name="builtin")
+
+
+def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],
+                  diffusion_steps: int = DIFFUSION_RECIPE["steps"], threads: int | None = None,
+                  ship_to: Path | None = BUILTIN_DIR) -> Path:
+    """The whole recipe: stage 1 (VAE), stage 2 (UNet + text encoder), then ship the EMA weights as fp16."""
+    from .diffusion import train_diffusion
+    from .loop import TrainConfig
+    from .vae import train_vae
+
+    output = Path(output)
+    train_vae(TrainConfig(output=output / "vae", threads=threads, **{**VAE_RECIPE, "steps": vae_steps}))
+    train_diffusion(TrainConfig(output=output / "diffusion", threads=threads,
+                                **{**DIFFUSION_RECIPE, "steps": diffusion_steps}), output / "vae" / "vae")
+    model = output / "diffusion" / "model"
+    return ship(model, ship_to) if ship_to is not None else model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nanodiffusion.train.builtin train|ship ...` (also `nanodiff train builtin ...`)."""
+    parser = argparse.ArgumentParser(prog="nanodiff train builtin", description="train or ship the built-in model")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="both stages end to end, then ship (resumes if interrupted)")
+    train.add_argument("--output", default="runs/builtin", help="run folder (vae/ and diffusion/ inside)")
+    train.add_argument("--vae-steps", type=int, default=VAE_RECIPE["steps"])
+    train.add_argument("--diffusion-steps", type=int, default=DIFFUSION_RECIPE["steps"])
+    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--ship-to", default=str(BUILTIN_DIR), help="where the fp16 model goes ('' to skip)")
+    copy = sub.add_parser("ship", help="copy a trained pipeline folder into the package as fp16")
+    copy.add_argument("source", help="pipeline folder written by `nanodiff train diffusion` (RUN/model)")
+    copy.add_argument("destination", nargs="?", default=str(BUILTIN_DIR))
+    args = parser.parse_args(argv)
+    if args.action == "ship":
+        print(ship(Path(args.source), Path(args.destination)))
+    else:
+        print(train_builtin(Path(args.output), vae_steps=args.vae_steps, diffusion_steps=args.diffusion_steps,
+                            threads=args.threads,
+                            ship_to=Path(args.ship_to) if args.ship_to else None))
+
+
+if __name__ == "__main__":
+    main()

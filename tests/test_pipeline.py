@@ -1,0 +1,146 @@
+"""Pipeline behaviour on a tiny random model: seeds, batches, PNG parameters, LoRA, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.images import save_png
+from nanodiffusion.lora_files import save_lora
+from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel
+from nanodiffusion.models.lora import create_lora
+from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
+from nanodiffusion.models.word_tokenizer import WordTokenizer
+from nanodiffusion.pipeline import Interrupted, Pipeline
+from nanodiffusion.prompts import parse_parameters
+from nanodiffusion.schedules import NoiseSchedule
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    torch.manual_seed(0)
+    tokenizer = WordTokenizer.build(["a red blue circle square above below"], model_max_length=12)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12))
+    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=SIZE // 2))
+    vae = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=[16, 32], norm_num_groups=8,
+                                                 down_block_types=["DownEncoderBlock2D"] * 2,
+                                                 up_block_types=["UpDecoderBlock2D"] * 2)))
+    for model in (text, unet, vae):
+        model.eval().requires_grad_(False)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=NoiseSchedule(),
+                    name="tiny", model_hash="0123456789", default_size=SIZE)
+
+
+def pixels(images):
+    return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in images])
+
+
+def test_same_seed_same_image_and_batch_uses_consecutive_seeds(pipe):
+    batch = pipe("a red circle", steps=3, seed=11, batch=2)
+    first = pipe("a red circle", steps=3, seed=11)
+    second = pipe("a red circle", steps=3, seed=12)
+    assert torch.equal(pixels(batch[:1]), pixels(first))
+    assert torch.equal(pixels(batch[1:]), pixels(second))
+    assert not torch.equal(pixels(first), pixels(second))
+
+
+def test_png_parameters_round_trip(pipe, tmp_path):
+    image = pipe("a (red:1.2) circle", "blue", steps=3, seed=5, cfg=4.5, sampler="DPM++ 2M", schedule="karras")[0]
+    path = save_png(image, tmp_path / "x.png")
+    with Image.open(path) as loaded:
+        prompt, negative, settings = parse_parameters(loaded.info["parameters"])
+    assert (prompt, negative) == ("a (red:1.2) circle", "blue")
+    assert settings["Steps"] == "3" and settings["Sampler"] == "DPM++ 2M" and settings["Seed"] == "5"
+    assert settings["CFG scale"] == "4.5" and settings["Size"] == f"{SIZE}x{SIZE}"
+    assert settings["Schedule type"] == "Karras" and settings["Model hash"] == "0123456789"
+
+
+def test_emphasis_changes_the_image(pipe):
+    plain = pixels(pipe("a red circle", steps=3, seed=1))
+    weighted = pixels(pipe("a (red:1.5) circle", steps=3, seed=1))
+    assert not torch.equal(plain, weighted)
+
+
+def test_every_sampler_runs(pipe):
+    from nanodiffusion.samplers import SAMPLERS
+
+    for name in SAMPLERS:
+        image = pipe("a red circle", steps=4, seed=2, sampler=name)[0]
+        assert image.size == (SIZE, SIZE)
+
+
+def test_img2img_and_inpaint_run(pipe):
+    init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    assert pipe("a circle", steps=4, seed=3, init_image=init, strength=0.5)[0].size == (SIZE, SIZE)
+    assert pipe("a circle", steps=4, seed=3, init_image=init, mask=mask)[0].size == (SIZE, SIZE)
+
+
+def test_lora_changes_output_and_is_removed_afterwards(pipe, tmp_path):
+    network = create_lora({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, rank=2)
+    torch.manual_seed(1)
+    for layer in network.layers().values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.5)
+    path = tmp_path / "style.safetensors"
+    save_lora(network, path)
+    before = pixels(pipe("a red circle", steps=3, seed=4))
+    pipe.loras = [(path, 1.0)]
+    with_lora = pixels(pipe("a red circle", steps=3, seed=4))
+    pipe.loras = [(path, 0.0)]
+    weight_zero = pixels(pipe("a red circle", steps=3, seed=4))
+    pipe.loras = []
+    pipe.lora_dir = tmp_path
+    tagged = pixels(pipe("a red circle <lora:style:1>", steps=3, seed=4))
+    pipe.lora_dir = None
+    after = pixels(pipe("a red circle", steps=3, seed=4))
+    assert not torch.equal(before, with_lora)
+    assert torch.equal(with_lora, tagged)
+    assert (before - weight_zero).abs().max() <= 1
+    assert torch.equal(before, after)
+
+
+def test_callback_sees_every_step_and_can_interrupt(pipe):
+    seen = []
+    pipe("a red circle", steps=5, seed=1, sampler="euler", callback=lambda i, n, x0: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+
+    def stop(i, n, x0):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        pipe("a red circle", steps=5, seed=1, callback=stop)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=30), "multiple of 8"),
+    (dict(height=0), "multiple of 8"),
+    (dict(sampler="nope"), "unknown sampler 'nope'"),
+    (dict(steps=0), "steps"),
+    (dict(batch=0), "batch"),
+    (dict(schedule="zigzag"), "zigzag"),
+    (dict(mask=Image.new("L", (SIZE, SIZE))), "init image"),
+    (dict(init_image=Image.new("RGB", (SIZE, SIZE)), strength=1.5), "strength"),
+    (dict(sampler="ddim", eta=-1.0), "eta"),
+])
+def test_bad_settings_give_one_clear_error(pipe, kwargs, message):
+    with pytest.raises(NanoDiffusionError, match=message):
+        pipe("a red circle", **{"steps": 3, **kwargs})
+
+
+def test_prompt_lora_tag_without_folder_is_a_clear_error(pipe):
+    with pytest.raises(NanoDiffusionError, match="LoRA folder"):
+        pipe("a circle <lora:x:1>", steps=2)
+
+
+def test_eta_reaches_samplers_that_have_it_and_is_ignored_by_the_rest(pipe):
+    ddim0 = pixels(pipe("a red circle", steps=4, seed=3, sampler="ddim", eta=0.0))
+    ddim1 = pixels(pipe("a red circle", steps=4, seed=3, sampler="ddim", eta=1.0))
+    assert not torch.equal(ddim0, ddim1)
+    assert torch.equal(ddim0, pixels(pipe("a red circle", steps=4, seed=3, sampler="ddim")))
+    assert torch.equal(pixels(pipe("a red circle", steps=4, seed=3, sampler="euler", eta=0.5)),
+                       pixels(pipe("a red circle", steps=4, seed=3, sampler="euler")))

@@ -1,0 +1,174 @@
+"""A tiny random SD pipeline saved by diffusers gives the same images through our Pipeline (<= 2/255)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nanodiffusion.images import mask_to_tensor, to_tensor
+from nanodiffusion.pipeline import Pipeline
+from oracles import clip_tokenizer_dir
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                    num_train_timesteps=1000)
+# our sampler id, schedule -> diffusers scheduler class and the extra config the web UI's name implies
+SCHEDULERS = {
+    ("ddim", "default"): ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
+    ("plms", "default"): ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=False)),
+    ("euler", "default"): ("EulerDiscreteScheduler", {}),
+    ("euler_a", "default"): ("EulerAncestralDiscreteScheduler", {}),
+    ("heun", "default"): ("HeunDiscreteScheduler", {}),
+    ("dpmpp_2m", "default"): ("DPMSolverMultistepScheduler", {}),
+    ("dpmpp_2m", "karras"): ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
+    ("unipc", "default"): ("UniPCMultistepScheduler", {}),
+}
+SIZE = 64
+STEPS = 8
+PROMPT = "a red circle above a blue square"
+NEGATIVE = "blurry"
+
+
+def tiny_components(in_channels: int = 4) -> dict:
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=SIZE // 2, in_channels=in_channels,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=37, num_attention_heads=1, num_hidden_layers=3,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=77)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def scheduler(sampler: str, schedule: str, config: dict | None = None):
+    """The diffusers scheduler for a sampler, made the way users switch it: from the model's own config."""
+    name, extra = SCHEDULERS[(sampler, schedule)]
+    return getattr(diffusers, name).from_config({**(config or SD_SCHEDULER), **extra})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Folders written by diffusers' save_pretrained: an ordinary and a 9-channel inpainting model."""
+    folders = {}
+    for kind, channels in (("plain", 4), ("inpaint", 9)):
+        pipe = diffusers.StableDiffusionPipeline(**tiny_components(channels),
+                                                 scheduler=scheduler("ddim", "default"))
+        folders[kind] = tmp_path_factory.mktemp(kind)
+        pipe.save_pretrained(folders[kind])
+    return folders
+
+
+def generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
+
+def test_image_stays_nontrivial(saved):
+    """Guard for the comparisons below: random weights still give varied pixels, not a flat image."""
+    ours = Pipeline.load(saved["plain"])(PROMPT, steps=4, sampler="euler", seed=1, cfg=7.0, width=SIZE, height=SIZE)
+    assert pixels(ours).std() > 0.01
+
+
+@pytest.mark.parametrize("sampler,schedule", list(SCHEDULERS))
+def test_txt2img_matches_diffusers(saved, sampler, schedule):
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(saved["plain"], safety_checker=None)
+    ref.scheduler = scheduler(sampler, schedule, ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0,
+                   height=SIZE, width=SIZE, num_images_per_prompt=2, generator=generators(7, 2),
+                   output_type="np").images
+    ours = Pipeline.load(saved["plain"])(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, schedule=schedule,
+                                         cfg=6.0, seed=7, batch=2, width=SIZE, height=SIZE)
+    assert np.abs(pixels(ours) - expected).max() <= 2 / 255
+
+
+def init_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(saved, sampler):
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(saved["plain"], safety_checker=None)
+    ref.scheduler = scheduler(sampler, "default", ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, image=init_image(), strength=0.6, num_inference_steps=STEPS, guidance_scale=5.0,
+                   generator=generators(3, 1), output_type="np").images
+    ours = Pipeline.load(saved["plain"])(PROMPT, steps=STEPS, sampler=sampler, cfg=5.0, seed=3,
+                                         width=SIZE, height=SIZE, init_image=init_image(), strength=0.6)
+    assert np.abs(pixels(ours) - expected).max() <= 2 / 255
+
+
+def mask_image() -> Image.Image:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_model_matches_diffusers(saved, strength):
+    ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(saved["inpaint"], safety_checker=None)
+    ref.scheduler = scheduler("euler", "default", ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, image=init_image(), mask_image=mask_image(), strength=strength, height=SIZE,
+                   width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0, generator=generators(5, 1),
+                   output_type="np").images
+    ours = Pipeline.load(saved["inpaint"])(PROMPT, steps=STEPS, sampler="euler", cfg=5.0, seed=5, width=SIZE,
+                                           height=SIZE, init_image=init_image(), mask=mask_image(),
+                                           strength=strength)
+    assert np.abs(pixels(ours) - expected).max() <= 2 / 255
+
+
+def test_inpainting_ordinary_model_keeps_the_known_region(saved):
+    """Latent pinning: outside the mask the final latents are the encoded init image, inside they are new."""
+    pipe = Pipeline.load(saved["plain"])
+    final = {}
+    pipe(PROMPT, steps=STEPS, sampler="euler", cfg=5.0, seed=5, width=SIZE, height=SIZE, init_image=init_image(),
+         mask=mask_image(), strength=1.0, callback=lambda step, total, x0: final.update(x0=x0))
+    known = pipe.encode_image(to_tensor(init_image()), generators(5, 1))
+    keep = torch.nn.functional.interpolate(mask_to_tensor(mask_image(), (SIZE, SIZE)), size=known.shape[-2:]) == 0
+    keep = keep.expand_as(known)
+    assert torch.allclose(final["x0"][keep], known[keep], atol=1e-5)
+    assert (final["x0"][~keep] - known[~keep]).abs().max() > 0.1
+
+
+def test_original_single_file_matches_the_folder(saved, tmp_path):
+    """A single file in the original SD 1.x key layout (no metadata: configs inferred) gives the folder's images."""
+    from safetensors.torch import save_file
+
+    from nanodiffusion.checkpoint_keys import diffusers_to_original
+    from nanodiffusion.checkpoints import load_checkpoint
+
+    folder = load_checkpoint(saved["plain"])
+    single = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_original(folder.parts).items()}, single)
+    kw = dict(steps=4, sampler="euler_a", cfg=5.0, seed=9, width=SIZE, height=SIZE)
+    expected = Pipeline.load(saved["plain"])(PROMPT, **kw)
+    ours = Pipeline.load(single)(PROMPT, **kw)
+    assert np.abs(pixels(ours) - pixels(expected)).max() == 0
+
+
+@pytest.mark.parametrize("sampler,schedule", [("euler_a", "default"), ("heun", "default"), ("dpmpp_2m", "karras")])
+def test_few_steps_match_too(saved, sampler, schedule):
+    """With 3 leading-spaced steps sigma_0 is small (~2.9), so the start x_T = noise * sqrt(1 + sigma_0^2) that
+    diffusers uses differs visibly from k-diffusion's noise * sigma_0, and the multistep solvers' whole-number
+    timesteps differ from the exact t(sigma) of Karras sigmas: we follow diffusers in both."""
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(saved["plain"], safety_checker=None)
+    ref.scheduler = scheduler(sampler, schedule, ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, num_inference_steps=3, guidance_scale=7.0, height=SIZE, width=SIZE,
+                   generator=generators(42, 1), output_type="np").images
+    ours = Pipeline.load(saved["plain"])(PROMPT, steps=3, sampler=sampler, schedule=schedule, cfg=7.0, seed=42,
+                                         width=SIZE, height=SIZE)
+    assert np.abs(pixels(ours) - expected).max() <= 2 / 255

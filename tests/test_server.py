@@ -1,0 +1,451 @@
+"""The HTTP API and serving discipline, through a real HTTP client against a real uvicorn server.
+
+The server runs a small fake pipeline (same call signature as Pipeline: coloured images, one callback per
+step, a decode for previews) so these tests exercise the server layer in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from datetime import date
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.server.api import Limits
+from nanodiffusion.server.app import create_app
+from nanodiffusion.server.guard import LOOPBACK_HOSTS
+
+
+class FakePipeline:
+    """Pipeline stand-in: a colour per seed, x0 previews that brighten step by step, optional delay."""
+
+    name = "fake-model"
+    model_hash = "0123456789abcdef" * 4
+    default_size = 64
+    default_cfg = 5.0
+    clip_skip = 1
+    is_inpainting_model = False
+    controlnet = None
+    lora_dir = None
+
+    def __init__(self, step_delay: float = 0.0) -> None:
+        self.step_delay = step_delay
+
+    def __call__(self, prompt, negative_prompt="", *, steps=20, sampler="euler_a", schedule="default", cfg=None,
+                 seed=None, width=None, height=None, batch=1, init_image=None, strength=0.75, mask=None,
+                 eta=None, clip_skip=None, control_image=None, control_scale=1.0, callback=None, progress=False):
+        width, height = width or self.default_size, height or self.default_size
+        if "[bad]" in prompt:
+            raise NanoDiffusionError("the prompt contains [bad]: remove it")
+        total = steps if init_image is None else max(1, int(steps * strength))
+        for step in range(1, total + 1):
+            time.sleep(self.step_delay)
+            if callback is not None:
+                callback(step, total, torch.full((batch, 3, height // 8, width // 8), -1 + 2 * step / total))
+        images = []
+        for i in range(batch):
+            image = Image.new("RGB", (width, height), ((seed + i) % 256, 100, 200))
+            image.info["parameters"] = f"{prompt}\nSteps: {steps}, Sampler: {sampler}, Seed: {seed + i}"
+            images.append(image)
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels: upsample by 8, like a VAE's spatial factor."""
+        return torch.nn.functional.interpolate(latents, scale_factor=8)
+
+
+class Recording:
+    """Any pipeline, with the arguments of every call recorded in `calls`."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.calls: list[dict] = []
+
+    def __call__(self, prompt, negative_prompt="", **kwargs):
+        self.calls.append(dict(prompt=prompt, negative_prompt=negative_prompt, **kwargs))
+        return self.pipeline(prompt, negative_prompt, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+
+@contextmanager
+def running(app):
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    image.load()
+    return image
+
+
+@pytest.fixture(scope="module")
+def fake():
+    return Recording(FakePipeline(step_delay=0.005))
+
+
+@pytest.fixture(scope="module")
+def server(fake, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    app = create_app(fake, outputs=outputs, limits=Limits(max_side=256, max_steps=50, max_batch=4, max_n_iter=4))
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        client.outputs = outputs
+        yield client
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """A server whose model takes 40 ms a step and whose queue holds one waiting job."""
+    pipe = Recording(FakePipeline(step_delay=0.04))
+    app = create_app(pipe, outputs=tmp_path_factory.mktemp("slow"), max_queue=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        client.pipe = pipe
+        yield client
+
+
+def in_thread(function, *args, **kwargs) -> dict:
+    """Run a blocking call in a thread; the returned dict gets its result under "value"."""
+    box: dict = {}
+    box["thread"] = threading.Thread(target=lambda: box.update(value=function(*args, **kwargs)), daemon=True)
+    box["thread"].start()
+    return box
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    """Poll until predicate() is truthy; return its value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def test_txt2img_returns_webui_response(server, fake):
+    body = {"prompt": "a red circle", "negative_prompt": "blurry", "sampler_name": "Euler a", "steps": 6,
+            "cfg_scale": 6.5, "seed": 1234, "width": 64, "height": 48, "batch_size": 2, "n_iter": 2,
+            "enable_hr": False, "restore_faces": False, "script_args": [], "alwayson_scripts": {}}
+    response = server.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    images = [decode_png(text) for text in data["images"]]
+    assert [image.size for image in images] == [(64, 48)] * 4
+    assert "Seed: 1235" in images[1].info["parameters"]
+    assert data["parameters"]["prompt"] == "a red circle" and data["parameters"]["enable_hr"] is False
+    info = json.loads(data["info"])
+    assert info["seed"] == 1234 and info["all_seeds"] == [1234, 1235, 1236, 1237]
+    assert info["all_prompts"] == ["a red circle"] * 4 and info["negative_prompt"] == "blurry"
+    assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["steps"] == 6
+    assert (info["width"], info["height"]) == (64, 48) and len(info["infotexts"]) == 4
+    calls = fake.calls[-2:]
+    assert [c["seed"] for c in calls] == [1234, 1236] and calls[0]["sampler"] == "Euler a"
+    assert calls[0]["negative_prompt"] == "blurry" and calls[0]["batch"] == 2 and calls[0]["init_image"] is None
+
+
+def test_random_seed_and_defaults(server, fake):
+    data = server.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": -1, "steps": 2}).json()
+    info = json.loads(data["info"])
+    assert 0 <= info["seed"] < 2**32 and info["all_seeds"] == [info["seed"]]
+    call = fake.calls[-1]
+    assert call["seed"] == info["seed"] and call["cfg"] == fake.default_cfg
+    assert (call["width"], call["height"]) == (fake.default_size, fake.default_size)
+    assert data["images"] and not server.post("/sdapi/v1/txt2img", json={"steps": 2, "send_images": False}).json()["images"]
+
+
+def test_img2img_inpaint_accepts_data_url_and_bare_base64(server, fake):
+    init = Image.new("RGB", (40, 32), (10, 200, 30))
+    mask = Image.new("L", (40, 32), 0)
+    mask.paste(255, (0, 0, 20, 32))
+    body = {"prompt": "p", "init_images": ["data:image/png;base64," + b64_png(init)], "mask": b64_png(mask),
+            "denoising_strength": 0.5, "steps": 8, "mask_blur": 0, "inpainting_mask_invert": 1,
+            "resize_mode": 0, "inpaint_full_res_padding": 32}
+    response = server.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert decode_png(data["images"][0]).size == (40, 32)
+    assert data["parameters"]["init_images"] is None and data["parameters"]["mask"] is None
+    call = fake.calls[-1]
+    assert call["strength"] == 0.5 and call["init_image"].size == (40, 32)
+    assert call["mask"].getpixel((5, 5)) == 0 and call["mask"].getpixel((35, 5)) == 255  # inverted
+    assert json.loads(data["info"])["denoising_strength"] == 0.5
+
+
+def test_inpainting_fill_paints_the_hole_with_its_surroundings(server, fake):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    init.paste((0, 0, 255), (16, 16, 48, 48))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {"init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur": 0, "steps": 2}
+    assert server.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 1}).status_code == 200
+    assert fake.calls[-1]["init_image"].getpixel((32, 32)) == (0, 0, 255)  # "original": untouched
+    assert server.post("/sdapi/v1/img2img", json=body).status_code == 200  # default 0, "fill"
+    red, green, blue = fake.calls[-1]["init_image"].getpixel((32, 32))
+    assert red > 150 and blue < 60 and fake.calls[-1]["init_image"].getpixel((2, 2)) == (200, 30, 30)
+
+
+def test_img2img_rejects_bad_images(server):
+    response = server.post("/sdapi/v1/img2img", json={"init_images": ["not an image"]})
+    assert response.status_code == 422 and "init_images[0]" in response.json()["detail"]
+    response = server.post("/sdapi/v1/img2img", json={"prompt": "no image"})
+    assert response.status_code == 422 and "init_images" in response.json()["detail"]
+
+
+def test_sampler_names_and_schedulers(server, fake):
+    assert server.post("/sdapi/v1/txt2img", json={"sampler_name": "DPM++ 2M Karras", "steps": 2}).status_code == 200
+    assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("DPM++ 2M", "karras")
+    server.post("/sdapi/v1/txt2img", json={"sampler_index": "Euler", "scheduler": "exponential", "steps": 2})
+    assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("Euler", "exponential")
+    response = server.post("/sdapi/v1/txt2img", json={"sampler_name": "Nope 3000", "steps": 2})
+    assert response.status_code == 422 and "Nope 3000" in response.json()["detail"]
+    response = server.post("/sdapi/v1/txt2img", json={"scheduler": "sgm_uniform", "steps": 2})
+    assert response.status_code == 422 and "karras" in response.json()["detail"]
+
+
+def test_catalog_endpoints(server, fake):
+    from nanodiffusion.samplers import SAMPLERS
+
+    samplers = server.get("/sdapi/v1/samplers").json()
+    assert {s["name"] for s in samplers} == {info.display_name for info in SAMPLERS.values()}
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    assert {"automatic", "karras", "exponential"} <= {s["name"] for s in server.get("/sdapi/v1/schedulers").json()}
+    model = server.get("/sdapi/v1/sd-models").json()[0]
+    assert model["title"] == f"fake-model [{fake.model_hash[:10]}]" and model["sha256"] == fake.model_hash
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(model)
+
+
+def test_options_roundtrip(server, fake):
+    options = server.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"].startswith("fake-model")
+    response = server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "other",
+                                                      "some_unknown_setting": 1})
+    assert response.status_code == 200
+    assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    server.post("/sdapi/v1/txt2img", json={"steps": 2})
+    assert fake.calls[-1]["clip_skip"] == 2
+    server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+    assert server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "many"}).status_code == 422
+
+
+@pytest.mark.parametrize("field, value", [("width", 1000), ("width", 512), ("height", 0), ("steps", 0),
+                                          ("steps", 51), ("batch_size", 5), ("n_iter", 0), ("cfg_scale", 99)])
+def test_limits_give_clear_422(server, field, value):
+    response = server.post("/sdapi/v1/txt2img", json={"steps": 2, field: value})
+    assert response.status_code == 422
+    assert field in response.json()["detail"] and str(value) in response.json()["detail"]
+
+
+def test_pipeline_error_is_400_and_worker_survives(server):
+    response = server.post("/sdapi/v1/txt2img", json={"prompt": "[bad]", "steps": 2})
+    assert response.status_code == 400 and "remove it" in response.json()["detail"]
+    assert server.post("/sdapi/v1/txt2img", json={"prompt": "fine", "steps": 2}).status_code == 200
+
+
+def test_progress_previews_and_interrupt(slow):
+    call = in_thread(slow.post, "/sdapi/v1/txt2img", json={"prompt": "p", "steps": 60, "seed": 3})
+    first = wait_for(lambda: (p := slow.get("/sdapi/v1/progress").json())["state"]["sampling_step"] >= 2 and p)
+    second = wait_for(lambda: (p := slow.get("/sdapi/v1/progress").json())["state"]["sampling_step"]
+                      > first["state"]["sampling_step"] + 2 and p)
+    assert 0 < first["progress"] < second["progress"] < 1 and second["eta_relative"] > 0
+    assert first["state"]["sampling_steps"] == 60 and first["state"]["job_count"] == 1
+    previews = [decode_png(p["current_image"]) for p in (first, second)]
+    assert previews[0].size == (64, 64) and previews[0].getpixel((0, 0)) != previews[1].getpixel((0, 0))
+    assert slow.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+    assert slow.post("/sdapi/v1/interrupt").status_code == 200
+    call["thread"].join(10)
+    data = call["value"].json()
+    assert data["images"] == [] and json.loads(data["info"])["interrupted"] is True
+    assert slow.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_skip_moves_to_next_iteration(slow):
+    call = in_thread(slow.post, "/sdapi/v1/txt2img", json={"steps": 30, "seed": 10, "n_iter": 2})
+    wait_for(lambda: slow.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2)
+    slow.post("/sdapi/v1/skip")
+    call["thread"].join(10)
+    info = json.loads(call["value"].json()["info"])
+    assert info["all_seeds"] == [11] and "Seed: 11" in info["infotexts"][0]
+
+
+def test_queue_full_is_429_and_cancel(slow):
+    body = {"prompt": "q", "steps": 150}
+    first = slow.post("/api/jobs", json=body)
+    assert first.status_code == 200 and first.json()["position"] == 1
+    first = first.json()
+    wait_for(lambda: slow.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 1)
+    second = slow.post("/api/jobs", json=body)
+    assert second.status_code == 200 and second.json()["position"] == 1
+    third = slow.post("/api/jobs", json=body)
+    assert third.status_code == 429 and "queue is full" in third.json()["detail"]
+    assert slow.post("/sdapi/v1/txt2img", json=body).status_code == 429
+    assert slow.post(f"/api/jobs/{second.json()['id']}/cancel").json()["status"] == "cancelled"
+    slow.post(f"/api/jobs/{first['id']}/cancel")
+    wait_for(lambda: slow.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0)
+    assert slow.post("/api/jobs/nope/cancel").status_code == 404
+
+
+def sse_events(client: httpx.Client, job_id: str) -> list[dict]:
+    """Read a job's server-sent events until the stream ends."""
+    events = []
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_web_job_streams_previews_and_saves_outputs(slow):
+    job = slow.post("/api/jobs", json={"prompt": "../../etc/passwd", "steps": 12, "seed": 77, "batch_size": 2})
+    events = sse_events(slow, job.json()["id"])
+    previews = {e["preview"] for e in events if "preview" in e}
+    assert len(previews) >= 2 and all(p.startswith("data:image/png;base64,") for p in previews)
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps) and steps[-1] == 12 and len(set(steps)) > 2
+    final = events[-1]
+    assert final["status"] == "done" and len(final["images"]) == 2
+    day = date.today().isoformat()
+    for image, seed in zip(final["images"], (77, 78)):
+        assert re.fullmatch(rf"/outputs/{day}/\d{{5}}-{seed}\.png", image["url"])
+        png = slow.get(image["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).info["parameters"] == image["parameters"]
+    assert slow.get("/outputs/../../etc/passwd").status_code == 404
+
+
+def test_page_docs_and_config(server, fake):
+    page = server.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert server.get("/static/app.js").status_code == 200 and server.get("/static/style.css").status_code == 200
+    docs = server.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text  # offline: Swagger UI from the installed bundle
+    assert server.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert "/sdapi/v1/txt2img" in server.get("/openapi.json").json()["paths"]
+    config = server.get("/api/config").json()
+    assert config["default_size"] == fake.default_size and config["limits"]["max_side"] == 256
+
+
+def test_cross_origin_writes_refused(server):
+    url = str(server.base_url).rstrip("/")
+    for origin in ("http://evil.example", "http://127.0.0.1:1", "null", "https://" + url.split("//")[1]):
+        response = server.post("/sdapi/v1/interrupt", headers={"Origin": origin})
+        assert response.status_code == 403 and "cross-origin" in response.json()["detail"]
+    assert server.post("/sdapi/v1/interrupt", headers={"Origin": url}).status_code == 200
+    assert server.get("/sdapi/v1/samplers", headers={"Origin": "http://evil.example"}).status_code == 200
+
+
+def test_body_size_limit_413(tmp_path):
+    with running(create_app(FakePipeline(), outputs=tmp_path, max_body=50_000)) as url:
+        with httpx.Client(base_url=url) as client:
+            big = {"prompt": "x" * 60_000}
+            assert client.post("/sdapi/v1/txt2img", json=big).status_code == 413
+            chunked = client.post("/sdapi/v1/txt2img", content=(b"x" * 10_000 for _ in range(6)))
+            assert chunked.status_code == 413 and "larger than 50000" in chunked.json()["detail"]
+            assert client.post("/sdapi/v1/txt2img", json={"prompt": "small", "steps": 1}).status_code == 200
+
+
+def test_basic_auth(tmp_path):
+    with running(create_app(FakePipeline(), outputs=tmp_path, auth="alice:s3cret,bob:pw")) as url:
+        with httpx.Client(base_url=url) as client:
+            response = client.get("/")
+            assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Basic")
+            assert client.get("/sdapi/v1/samplers", auth=("alice", "wrong")).status_code == 401
+            assert client.get("/sdapi/v1/samplers", auth=("alice", "s3cret")).status_code == 200
+            assert client.post("/sdapi/v1/txt2img", auth=("bob", "pw"), json={"steps": 1}).status_code == 200
+    with pytest.raises(NanoDiffusionError, match="USER:PASS"):
+        create_app(FakePipeline(), outputs=tmp_path, auth="no-colon")
+
+
+def test_loopback_server_refuses_other_host_names(tmp_path):
+    with running(create_app(FakePipeline(), outputs=tmp_path, allowed_hosts=LOOPBACK_HOSTS)) as url:
+        with httpx.Client(base_url=url) as client:
+            assert client.get("/sdapi/v1/samplers").status_code == 200
+            response = client.get("/sdapi/v1/samplers", headers={"Host": "rebind.evil.example"})
+            assert response.status_code == 403 and "--listen" in response.json()["detail"]
+
+
+def test_serve_binds_loopback_and_guards_host(monkeypatch, tmp_path):
+    import argparse
+
+    import nanodiffusion.pipeline
+    from nanodiffusion.server.app import serve
+
+    served = {}
+    monkeypatch.setattr(nanodiffusion.pipeline.Pipeline, "load", classmethod(lambda cls, path=None: FakePipeline()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    args = argparse.Namespace(model=None, host="127.0.0.1", port=7860, listen=False, api_auth="u:p",
+                              outputs=str(tmp_path / "outputs"), lora_dir=None, controlnet=None)
+    serve(args)
+    assert (served["host"], served["port"]) == ("127.0.0.1", 7860) and (tmp_path / "outputs").is_dir()
+    with running(served["app"]) as url, httpx.Client(base_url=url, auth=("u", "p")) as client:
+        assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "fake-model"
+        assert client.get("/", headers={"Host": "evil.example"}).status_code == 403
+    serve(argparse.Namespace(**{**vars(args), "listen": True, "api_auth": None}))
+    assert served["host"] == "0.0.0.0"
+    with pytest.raises(NanoDiffusionError, match="USER:PASS"):
+        serve(argparse.Namespace(**{**vars(args), "api_auth": "nopassword"}))
+
+
+def test_loras_listed_from_the_lora_folder(fake, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, tmp_path / "style.safetensors",
+              metadata={"ss_network_dim": "1"})
+    (tmp_path / "notes.txt").write_text("not a lora")
+    pipe = FakePipeline()
+    pipe.lora_dir = tmp_path
+    with running(create_app(pipe, outputs=tmp_path / "out")) as url, httpx.Client(base_url=url) as client:
+        listed = client.get("/sdapi/v1/loras").json()
+        assert [(item["name"], item["metadata"]["ss_network_dim"]) for item in listed] == [("style", "1")]
+        assert client.get("/api/config").json()["loras"] == ["style"]
+
+
+def test_controlnet_unit_reaches_the_pipeline(tmp_path):
+    control = Image.new("RGB", (64, 64), (255, 255, 255))
+    unit = {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": b64_png(control), "weight": 0.6}]}}}
+    plain = Recording(FakePipeline())
+    with running(create_app(plain, outputs=tmp_path / "a")) as url, httpx.Client(base_url=url) as client:
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, **unit})
+        assert refused.status_code == 422 and "--controlnet" in refused.json()["detail"]
+    steered = FakePipeline()
+    steered.controlnet = object()
+    recorded = Recording(steered)
+    with running(create_app(recorded, outputs=tmp_path / "b")) as url, httpx.Client(base_url=url) as client:
+        assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, **unit}).status_code == 200
+        assert client.get("/api/config").json()["controlnet"] is True
+    call = recorded.calls[-1]
+    assert call["control_scale"] == 0.6 and call["control_image"].size == (64, 64)
