@@ -81,6 +81,13 @@ def test_loss_goes_down(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
 
 
+def test_stages_with_different_mixed_precision_run_in_one_process(tmp_path):
+    """`nanodiff train builtin train` runs the bf16 VAE stage, then the fp32 diffusion stage, in one process."""
+    run(tmp_path / "bf16", steps=2, mixed_precision="bf16")
+    run(tmp_path / "fp32", steps=2, mixed_precision="no")
+    assert last_checkpoint(tmp_path / "fp32") is not None
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     straight = run(tmp_path / "straight", steps=8)
 

@@ -104,6 +104,21 @@ def chunks_needed(tokenizer: Tokenizer, n_tokens: int) -> int:
     return max(1, -(-n_tokens // body))
 
 
+def prompt_warnings(tokenizer: Tokenizer, text: str) -> list[str]:
+    """What a user should hear about a prompt the model will still run on: empty, unknown words, split into chunks."""
+    if not text.strip():
+        return ["empty prompt: the image is an unconditional sample"]
+    messages = []
+    unknown = getattr(tokenizer, "unknown_words", lambda _: [])(text)
+    if unknown:
+        messages.append(f"words this model does not know are ignored: {', '.join(unknown)}")
+    n_tokens = len(weighted_tokens(tokenizer, text)[0])
+    if chunks_needed(tokenizer, n_tokens) > 1:
+        messages.append(f"prompt is {n_tokens} tokens, longer than the {tokenizer.model_max_length - 2} the model "
+                        f"reads at once: encoded in {chunks_needed(tokenizer, n_tokens)} chunks")
+    return messages
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
                    clip_skip: int = 1) -> torch.Tensor:

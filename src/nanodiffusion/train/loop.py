@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -200,6 +201,7 @@ def train(objective: nn.Module, batches: BatchFn, config: TrainConfig, *,
     if finish is not None and accelerator.is_main_process:
         finish(ema.model, output)
     accelerator.wait_for_everyone()
+    AcceleratorState._reset_state()  # the next stage in this process may use another mixed precision
     return ema.model
 
 
