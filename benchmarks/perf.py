@@ -386,13 +386,13 @@ def main() -> None:
     write_table(args.output.with_suffix(".md"), table)
 
 
-def write_table(path: Path, table: str) -> None:
-    """Put the tables between the BEGIN / END markers of the notes (the prose around them stays)."""
-    text = path.read_text() if path.is_file() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}")
+def write_table(path: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put the tables between the begin / end markers of the notes (the prose around them stays)."""
+    text = path.read_text() if path.is_file() else f"# Performance\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{table}{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from nanodiffusion.models.lora import create_lora
 from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
 from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.models.word_tokenizer import WordTokenizer
-from nanodiffusion.pipeline import Interrupted, Pipeline
+from nanodiffusion.pipeline import Interrupted, Pipeline, PromptWarning
 from nanodiffusion.prompts import parse_parameters
 from nanodiffusion.schedules import NoiseSchedule
 
@@ -144,3 +144,13 @@ def test_eta_reaches_samplers_that_have_it_and_is_ignored_by_the_rest(pipe):
     assert torch.equal(ddim0, pixels(pipe("a red circle", steps=4, seed=3, sampler="ddim")))
     assert torch.equal(pixels(pipe("a red circle", steps=4, seed=3, sampler="euler", eta=0.5)),
                        pixels(pipe("a red circle", steps=4, seed=3, sampler="euler")))
+
+
+def test_prompt_warnings_name_what_the_model_will_not_read(pipe):
+    with pytest.warns(PromptWarning, match="unknown|not know") as caught:
+        pipe("a zebra circle", steps=1, seed=0)
+    assert "zebra" in str(caught[0].message)
+    with pytest.warns(PromptWarning, match="empty prompt"):
+        pipe("", steps=1, seed=0)
+    with pytest.warns(PromptWarning, match="chunks"):
+        pipe("circle " * (pipe.tokenizer.model_max_length + 5), steps=1, seed=0)

@@ -23,6 +23,7 @@ import uvicorn
 from PIL import Image
 
 from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.images import to_pil
 from nanodiffusion.server.api import Limits
 from nanodiffusion.server.app import create_app
 from nanodiffusion.server.guard import LOOPBACK_HOSTS
@@ -64,6 +65,9 @@ class FakePipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels: upsample by 8, like a VAE's spatial factor."""
         return torch.nn.functional.interpolate(latents, scale_factor=8)
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        return to_pil(self.decode(latents))
 
 
 class Recording:

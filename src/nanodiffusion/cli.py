@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import NanoDiffusionError
@@ -19,7 +20,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .lora_files import parse_lora_arg
 
-    pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction)
+    pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
+                         weights_dtype=args.weights_dtype)
+    pipe.fast = fast_options(args)
     pipe.loras = [parse_lora_arg(text) for text in args.lora]
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     if args.controlnet:
@@ -30,9 +33,10 @@ def _generate(args: argparse.Namespace) -> None:
         args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
         cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch,
         init_image=load_image(args.init) if args.init else None, strength=args.strength,
-        mask=load_image(args.mask) if args.mask else None, clip_skip=args.clip_skip,
+        mask=load_image(args.mask) if args.mask else None, clip_skip=args.clip_skip, eta=args.eta,
         control_image=load_image(args.control_image) if args.control_image else None,
         control_scale=args.control_scale,
+        callback=preview_writer(pipe, Path(args.preview)) if args.preview else None,
         progress=True,
     )
     out = Path(args.output)
@@ -46,6 +50,27 @@ def _generate(args: argparse.Namespace) -> None:
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
         save_png(image, path)
         print(path)
+
+
+def fast_options(args: argparse.Namespace):
+    """The approximate fast paths the flags ask for: the --fast preset, then each flag given overriding it."""
+    import dataclasses
+
+    from .fast import FastOptions
+
+    options = FastOptions.preset() if args.fast else FastOptions()
+    chosen = {"deepcache": args.deepcache, "tome": args.tome, "cfg_cutoff": args.cfg_cutoff}
+    return dataclasses.replace(options, **{name: value for name, value in chosen.items() if value is not None})
+
+
+def preview_writer(pipe, path: Path):
+    """A progress callback that writes the step's x0 estimate through the cheap preview decoder to `path`."""
+    from .images import save_png
+
+    def write(step: int, total: int, x0) -> None:
+        save_png(pipe.preview(x0[:1])[0], path)
+
+    return write
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -118,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.75)
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
     gen.add_argument("--clip-skip", type=int, default=1)
+    gen.add_argument("--eta", type=float, default=None,
+                     help="noise of stochastic samplers: 0 deterministic, 1 ancestral / SDE (their default)")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="apply a LoRA (kohya or diffusers/PEFT file); repeatable")
     gen.add_argument("--lora-dir", default=None, help="folder that <lora:NAME:W> prompt tags resolve in")
@@ -126,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--control-scale", type=float, default=1.0)
     gen.add_argument("--prediction", default=None, choices=["epsilon", "v_prediction"],
                      help="override the checkpoint's prediction type (SD 2.x 768 models: v_prediction)")
+    fast = gen.add_argument_group("approximate fast paths (off by default; docs/fast.md has their cost)")
+    fast.add_argument("--fast", action="store_true", help="the measured preset (the flags below override it)")
+    fast.add_argument("--deepcache", type=int, default=None, metavar="N",
+                      help="DeepCache: the whole UNet every N-th call, its top level alone in between")
+    fast.add_argument("--tome", type=float, default=None, metavar="R",
+                      help="token merging: merge this share of the top-level tokens before self-attention")
+    fast.add_argument("--cfg-cutoff", type=float, default=None, metavar="F",
+                      help="guidance on the first F of the steps only (the rest skip the unconditional pass)")
+    fast.add_argument("--preview", default=None, metavar="PNG",
+                      help="write a cheap preview of every step's x0 estimate here (no VAE run)")
+    gen.add_argument("--weights-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="store the conv / linear weights in this dtype (compute stays float32; half the memory)")
     gen.set_defaults(run=_generate)
 
     info = sub.add_parser("info", help="describe a checkpoint file or folder")
@@ -151,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--markdown", default=None, help="also write the table to this file")
     ev.set_defaults(run=_eval)
 
-    train = sub.add_parser("train", help="train a VAE, a diffusion model, or the built-in model (both)",
-                           add_help=False)
-    train.add_argument("kind", help="vae, diffusion or builtin (then its own flags; --help lists them)")
+    train = sub.add_parser("train", add_help=False,
+                           help="train a VAE, a diffusion model, a ControlNet, or the built-in model (VAE + diffusion)")
+    train.add_argument("kind", help="vae, diffusion, controlnet or builtin (then its own flags; --help lists them)")
     train.set_defaults(run=_train)
 
     finetune = sub.add_parser("finetune", help="LoRA or DreamBooth fine-tuning on captioned images",
@@ -177,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `nanodiff`; user errors print one line and exit 2."""
     parser = build_parser()
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command in ("train", "finetune"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,19 +15,30 @@ from .models.tokenizers import load_tokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .schedules import NoiseSchedule
+from .storage import store_weights
+from .storage import weights_dtype as parse_weights_dtype
 
 BUILTIN = Path(__file__).parent / "weights" / "builtin"
 
 
-def build_models(ckpt: Checkpoint) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    """Instantiate the three networks from their configs and load their weights (strict)."""
-    unet = UNet2DConditionModel(UNetConfig.from_dict(ckpt.configs["unet"]))
-    vae = AutoencoderKL(VAEConfig.from_dict(ckpt.configs["vae"]))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(ckpt.configs["text_encoder"]))
-    for part, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        load_into(model, ckpt.parts[part], part)
-        model.eval().requires_grad_(False)
-    return unet, vae, text_encoder
+def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
+                 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Instantiate the three networks from their configs and load their weights (strict), with the conv / linear
+    weights stored in `dtype` (storage.py). The networks are built on the meta device (no random init) and take
+    the checkpoint's tensors as their parameters, which leave `ckpt`; store_weights then copies them into memory
+    in their storage dtype one by one, so loading never holds a second copy of the weights."""
+    networks = {"unet": (UNetConfig, UNet2DConditionModel), "vae": (VAEConfig, AutoencoderKL),
+                "text_encoder": (CLIPTextConfig, CLIPTextModel)}
+    models = []
+    for part, (config_cls, model_cls) in networks.items():
+        with torch.device("meta"):
+            model = model_cls(config_cls.from_dict(ckpt.configs[part]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*meta parameter.*")
+            load_into(model, ckpt.parts[part], part)   # checks names and shapes; copying onto meta is a no-op
+        model.load_state_dict(ckpt.parts.pop(part), assign=True)
+        models.append(store_weights(model.eval().requires_grad_(False), dtype))
+    return tuple(models)
 
 
 def nanodiffusion_settings(folder: Path) -> dict:
@@ -38,8 +50,10 @@ def nanodiffusion_settings(folder: Path) -> dict:
 
 
 def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
-                  prediction: str | None = None):
-    """Read a checkpoint, build its networks, tokenizer and noise schedule into `cls` (a Pipeline)."""
+                  prediction: str | None = None, weights_dtype: str | torch.dtype | None = None):
+    """Read a checkpoint, build its networks, tokenizer and noise schedule into `cls` (a Pipeline); the conv /
+    linear weights are stored in `weights_dtype` (None: float32; see storage.py)."""
+    dtype = parse_weights_dtype(weights_dtype)
     source = BUILTIN if path is None else Path(path)
     if path is None and not (BUILTIN / "model_index.json").is_file():
         raise NanoDiffusionError(f"the built-in model is missing from {BUILTIN}: reinstall nanodiffusion "
@@ -47,8 +61,8 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     if not source.exists():
         raise NanoDiffusionError(f"model {source} does not exist: pass a diffusers folder or a "
                                  ".safetensors / .ckpt file")
-    ckpt = load_checkpoint(source, prediction=prediction)
-    unet, vae, text_encoder = build_models(ckpt)
+    ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=dtype != torch.float32)
+    unet, vae, text_encoder = build_models(ckpt, dtype)
     version = ckpt.info.get("version")
     pad = "!" if version == "v2" and tokenizer is None and ckpt.tokenizer_dir is None else None
     tok = load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad)

@@ -12,6 +12,7 @@ import inspect
 import math
 import os
 import random
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,14 @@ from tqdm.auto import tqdm
 from .controlnet_files import prepare_control_image
 from .denoisers import Denoiser
 from .errors import NanoDiffusionError
+from .fast import FastOptions, fast_paths
+from .fast.preview import LatentPreview
 from .guidance import cfg_denoiser
 from .images import mask_to_tensor, to_pil, to_tensor
 from .lora_files import extract_lora_tags, find_lora, load_lora
 from .models.controlnet import controlnet_unet
-from .prompts import encode_prompts, format_parameters
-from .samplers import get_sampler
+from .prompts import encode_prompts, format_parameters, prompt_warnings
+from .samplers import check_eta, get_sampler
 from .schedules import NoiseSchedule
 
 MAX_BATCH = 64
@@ -39,6 +42,8 @@ SMALL_LATENT = 32 * 32
 
 class Interrupted(Exception):
     """Raised by a progress callback to stop a generation cleanly."""
+
+EXACT_PREVIEW_CELLS = 32 * 32  # latents this small are previewed with the real VAE decode
 
 
 @dataclass
@@ -59,14 +64,17 @@ class Pipeline:
     loras: list[tuple[Path, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None
     lora_dir: Path | None = None
+    fast: FastOptions = field(default_factory=FastOptions)   # approximate fast paths (fast/), all off by default
+    previewer: LatentPreview | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
-             prediction: str | None = None) -> "Pipeline":
-        """Load the built-in model (path None), a diffusers folder, or an original single file."""
+             prediction: str | None = None, weights_dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Load the built-in model (path None), a diffusers folder, or an original single file; weights_dtype
+        "bfloat16" / "float16" stores the conv / linear weights in half precision (compute stays float32)."""
         from .loading import load_pipeline
 
-        return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction)
+        return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction, weights_dtype=weights_dtype)
 
     @property
     def vae_scale(self) -> int:
@@ -121,6 +129,16 @@ class Pipeline:
         """Scaled latents -> pixels in [-1, 1]."""
         return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
 
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Preview images of scaled latents (e.g. the x0 estimate of a step): the VAE itself for small latents
+        (<= 32x32, a few ms), else a cheap linear latent -> RGB map (fast/preview.py; fitted to this VAE on first
+        use), since an SD-size VAE decode costs seconds per step."""
+        if latents.shape[-2] * latents.shape[-1] <= EXACT_PREVIEW_CELLS:
+            return to_pil(self.decode(latents))
+        if self.previewer is None:
+            self.previewer = LatentPreview.fit(self.vae, self.vae_scale)
+        return to_pil(self.previewer(latents))
+
     def __call__(
         self,
         prompt: str,
@@ -148,8 +166,10 @@ class Pipeline:
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise NanoDiffusionError("prompt and negative prompt must be text")
         text, tagged = self.prompt_loras(prompt)
+        for message in prompt_warnings(self.tokenizer, text):
+            warnings.warn(message, PromptWarning, stacklevel=2)
         cells = (width or self.default_size) * (height or self.default_size) // self.vae_scale**2
-        with self.lora_applied(self.loras + tagged), thread_budget(cells):
+        with self.lora_applied(self.loras + tagged), thread_budget(cells), fast_paths(self.unet, self.fast):
             return self.generate(
                 text, negative_prompt, steps=steps, sampler=sampler, schedule=schedule, cfg=cfg, seed=seed,
                 width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
@@ -176,6 +196,8 @@ class Pipeline:
         if self.controlnet is not None and mask is not None and self.is_inpainting_model:
             raise NanoDiffusionError("ControlNet with a 9-channel inpainting model is not supported: "
                                      "inpaint with an ordinary checkpoint instead")
+        if self.fast.deepcache > 1 and self.controlnet is not None:
+            raise NanoDiffusionError("DeepCache with a ControlNet is not supported: turn --deepcache off")
         if mask is not None and init_image is None:
             raise NanoDiffusionError("a mask needs an init image to inpaint: pass --init IMAGE too")
         if init_image is not None and not 0.0 < strength <= 1.0:
@@ -183,8 +205,8 @@ class Pipeline:
         info = get_sampler(sampler)
         seed = random.randrange(2**32) if seed is None or seed < 0 else seed
         generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-        if eta is not None and eta < 0:
-            raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = ancestral)")
+        if eta is not None:
+            check_eta(eta)
         options = {"eta": eta} if eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
 
         sigmas = info.sigmas(self.schedule, steps, schedule)
@@ -217,7 +239,8 @@ class Pipeline:
                 denoiser = Denoiser(net, self.schedule, self.prediction, info.multistep)
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
-        guided = cfg_denoiser(denoiser, {"context": cond}, {"context": uncond}, cfg)
+        guided = cfg_denoiser(denoiser, {"context": cond}, {"context": uncond}, cfg,
+                              self.fast.guidance_min_sigma(sigmas))
 
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
 
@@ -277,6 +300,10 @@ class Pipeline:
             return unet(torch.cat([x, extra], dim=1), t, context)
 
         return net
+
+
+class PromptWarning(UserWarning):
+    """The prompt runs, but not quite as written (empty, unknown words, split into chunks)."""
 
 
 def pin_known_region(denoiser: Callable[..., torch.Tensor], mask: torch.Tensor,

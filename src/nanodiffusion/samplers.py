@@ -43,11 +43,16 @@ def to_d(x: torch.Tensor, sigma: float, x0: torch.Tensor) -> torch.Tensor:
     return (x - x0) / sigma
 
 
+def check_eta(eta: float) -> None:
+    """eta scales the fresh noise of a stochastic step: 0 is deterministic, 1 the full ancestral / SDE amount."""
+    if eta < 0:
+        raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = ancestral / SDE)")
+
+
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """(sigma_down, sigma_up): split a step into a deterministic part and fresh noise, sigma_down^2 + sigma_up^2 =
     sigma_next^2, sigma_up = eta sigma_next sqrt(1 - sigma_next^2 / sigma^2) (DDIM eq. 16 in VE form)."""
-    if eta < 0:
-        raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = ancestral)")
+    check_eta(eta)
     up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up
 
@@ -204,8 +209,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                         callback: Callback = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, sec. 5 / app. B; k-diffusion, diffusers
     sde-dpmsolver++): x' = (sigma'/sigma) e^(-eta h) x + (1 - e^(-(1+eta) h)) x0_d + sigma' sqrt(1 - e^(-2 eta h)) z."""
-    if eta < 0:
-        raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = SDE)")
+    check_eta(eta)
     x0_prev, h_prev = None, None
     for i, s, s_next in steps(sigmas):
         x0 = denoiser(x, s)

@@ -42,7 +42,7 @@ HELDOUT_PAIRS = {("purple", "triangle"), ("yellow", "circle"), ("cyan", "star"),
 HELDOUT_RELATIONS = {("circle", "above", "square"), ("triangle", "left of", "star"),
                      ("square", "left of", "circle"), ("star", "above", "triangle")}
 HELDOUT_KINDS = ("counting", "colors", "position", "color_attr")
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def _fit_to_box(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -113,7 +113,7 @@ def is_heldout(prompt: Prompt) -> bool:
     if prompt.relation is None:
         return False
     (a, _), (b, _) = prompt.objects[:2]
-    return (a, prompt.relation, b) in HELDOUT_RELATIONS or (b, _INVERSE[prompt.relation], a) in HELDOUT_RELATIONS
+    return (a, prompt.relation, b) in HELDOUT_RELATIONS or (b, INVERSE[prompt.relation], a) in HELDOUT_RELATIONS
 
 
 def _sample_prompt(rng: random.Random, kind: str) -> Prompt:
@@ -194,7 +194,7 @@ def realize(prompt: Prompt, rng: random.Random, split: str = "all") -> Scene:
     return Scene(_layout(rng, prompt, colors), prompt)
 
 
-def _example(seed: int, split: str, index: int, size: int) -> tuple[Scene, str, Image.Image]:
+def example(seed: int, split: str, index: int, size: int) -> tuple[Scene, str, Image.Image]:
     """The index-th example of a (seed, split) dataset: scene, caption, image."""
     rng = random.Random(f"shapes:{seed}:{split}:{index}")
     scene = sample_scene(rng, split)
@@ -217,7 +217,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        _, text, image = _example(self.seed, self.split, index, self.size)
+        _, text, image = example(self.seed, self.split, index, self.size)
         return {"image": to_tensor(image)[0], "caption": text}
 
 
@@ -240,7 +240,7 @@ def write_dataset(folder: str | Path, n: int, seed: int = 0, split: str = "train
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as metadata:
         for index in range(n):
-            scene, text, image = _example(seed, split, index, size)
+            scene, text, image = example(seed, split, index, size)
             name = f"{index:06d}.png"
             image.save(folder / name)
             (folder / name).with_suffix(".txt").write_text(text + "\n")

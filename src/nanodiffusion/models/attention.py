@@ -6,11 +6,15 @@ Attribute names follow diffusers (to_q, to_k, to_v, to_out.0, ff.net.0.proj, pro
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .resnet import Conv2d, Linear
+
+TokenMerging = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]  # (merge, unmerge) of a token set
 
 
 class Attention(nn.Module):
@@ -80,15 +84,23 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x), context if self.only_cross else None, residual=x)
+    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
+        """`merging` (merge, unmerge), when given, runs the first attention on merged tokens (ToMe)."""
+        if merging is None:
+            x = self.attn1(self.norm1(x), context if self.only_cross else None, residual=x)
+        else:
+            merge, unmerge = merging
+            x = x + unmerge(self.attn1(merge(self.norm1(x)), context if self.only_cross else None))
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
     """Spatial transformer: GroupNorm, project in (1x1 conv, or linear on tokens), transformer blocks over the
-    H*W tokens, project out, plus the input (LDM §3.3)."""
+    H*W tokens, project out, plus the input (LDM §3.3). `token_merge`, when set (nanodiffusion.fast.tome), maps
+    (tokens, (H, W)) to the (merge, unmerge) pair each block's self-attention then uses (ToMe for SD)."""
+
+    token_merge: Callable[[Tensor, torch.Size], TokenMerging] | None = None
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, depth: int = 1,
                  linear: bool = False, only_cross: bool = False, upcast: bool = False):
@@ -109,7 +121,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, None if self.token_merge is None else self.token_merge(h, x.shape[-2:]))
         if self.linear:
             return from_tokens(self.proj_out(h, to_tokens(x)), x.shape[-2:])
         return self.proj_out(from_tokens(h, x.shape[-2:]), x)

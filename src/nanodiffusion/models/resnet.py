@@ -22,9 +22,9 @@ _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (ca
 
 class PackedWeight:
     """Mixin for Conv2d / Linear: for CPU float32 inference the layer keeps a copy of its weight in oneDNN's
-    blocked layout, made again whenever the weight (its storage or version) or the input shape changes. Plain
-    conv2d / linear reorder the weight on every call, which on small inputs costs more than the arithmetic
-    (docs/performance.md). Same result to float32 rounding; costs a second copy of the weights in memory
+    blocked layout, made again whenever the weight (its storage or version) or the input shape (batch aside)
+    changes. Plain conv2d / linear reorder the weight on every call, which on small inputs costs more than the
+    arithmetic (docs/performance.md). Same result to float32 rounding; costs a second copy of the weights in memory
     (set PackedWeight.enabled = False to trade the speed back for it)."""
 
     enabled = True
@@ -37,9 +37,17 @@ class PackedWeight:
                 and not w.is_inference() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
+    def compute_weight(self, x: Tensor) -> Tensor:
+        """The weight in x's dtype: weights stored in half precision (nanodiffusion.storage) are upcast for this
+        call only, so the arithmetic stays float32 and no full-precision copy is kept."""
+        w = self.weight
+        return w if w.dtype == x.dtype else w.to(x.dtype)
+
     def packed_weight(self, x: Tensor, pack: Callable[[Tensor], Tensor]) -> Tensor:
-        """pack(weight), cached per (weight storage, weight version, input shape)."""
-        key = (self.weight.data_ptr(), self.weight._version, tuple(x.shape))
+        """pack(weight), cached per (weight storage, weight version, input shape but the batch size). The layout
+        oneDNN picks does not depend on the batch (and a packed weight gives the same result at any batch), so a
+        batch change, e.g. guidance stopping for the last steps (fast/), does not repack every weight."""
+        key = (self.weight.data_ptr(), self.weight._version, tuple(x.shape[1:]))
         cached = _packed.get(self)
         if cached is None or cached[0] != key:
             cached = _packed[self] = (key, pack(self.weight.detach()))
@@ -53,7 +61,7 @@ class Conv2d(PackedWeight, nn.Conv2d):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if not (self.packable(x) and x.dim() == 4 and plain_padding):
-            return add(residual, super().forward(x))
+            return add(residual, self._conv_forward(x, self.compute_weight(x), self.bias))
         weight = self.packed_weight(x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
             w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, x.shape))
         conv = (self.padding, self.stride, self.dilation, self.groups)
@@ -69,7 +77,7 @@ class Linear(PackedWeight, nn.Linear):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not self.packable(x):
-            return add(residual, super().forward(x))
+            return add(residual, F.linear(x, self.compute_weight(x), self.bias))
         rows = x.numel() // x.shape[-1]
         weight = self.packed_weight(x, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
         if residual is None:

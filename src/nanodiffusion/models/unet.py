@@ -116,7 +116,10 @@ def check_config(c: UNetConfig) -> None:
 
 class UNet2DConditionModel(nn.Module):
     """eps_theta(z_t, t, c): conv_in -> down levels (skips kept) -> mid -> up levels (skips concatenated) -> conv_out,
-    every resnet fed the timestep embedding, every spatial transformer the context c (LDM §3.3)."""
+    every resnet fed the timestep embedding, every spatial transformer the context c (LDM §3.3).
+    `deep_cache`, when set (nanodiffusion.fast.deepcache), lets calls reuse the deep levels' output (DeepCache)."""
+
+    deep_cache = None
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -166,6 +169,9 @@ class UNet2DConditionModel(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
                                   .to(sample.dtype))
+        cache = self.deep_cache
+        if cache is not None and cache.reusable(sample):
+            return self.shallow(sample, emb, encoder_hidden_states, cache.features)
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:
@@ -180,6 +186,17 @@ class UNet2DConditionModel(nn.Module):
             h = self.mid_block(h, emb, encoder_hidden_states)
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            if cache is not None and i == len(self.up_blocks) - 1:
+                cache.features = h
             h = block(h, emb, encoder_hidden_states, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def shallow(self, sample: Tensor, emb: Tensor, encoder_hidden_states: Tensor, deep: Tensor) -> Tensor:
+        """DeepCache's partial step (Ma et al. 2023, §3.2): only the top level runs (conv_in, the first down
+        block, the last up block); `deep`, the input of the last up block at an earlier full step, stands in for
+        everything below it. The first down block's downsampled output feeds only the deep levels (it is dropped)."""
+        h = self.conv_in(sample)
+        _, block_skips = self.down_blocks[0](h, emb, encoder_hidden_states)
+        h = self.up_blocks[-1](deep, emb, encoder_hidden_states, [h, *block_skips[:-1]])
         return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import NanoDiffusionError
-from ..images import save_png, to_pil
+from ..images import save_png
 from ..pipeline import Interrupted
 from .encoding import image_to_b64
 
@@ -209,7 +209,7 @@ class Worker:
                 raise Interrupted
             job.step, job.total = step, total
             if job.previews and (step % job.preview_every == 0 or step == total):
-                job.preview = image_to_b64(to_pil(self.pipeline.decode(x0[:1]))[0])
+                job.preview = image_to_b64(self.pipeline.preview(x0[:1])[0])
                 job.preview_version += 1
             job.changed()
 

@@ -1,14 +1,15 @@
-"""`nanodiff train vae|diffusion|builtin [flags]`: dispatch to the training script of each stage."""
+"""`nanodiff train vae|diffusion|builtin|controlnet [flags]`: dispatch to the training script of each stage."""
 
 from __future__ import annotations
 
 from ..errors import choice_error
 
-KINDS = ("vae", "diffusion", "builtin")
+KINDS = ("vae", "diffusion", "builtin", "controlnet")
 
 
 def main(argv: list[str]) -> None:
-    """argv = [kind, *flags]; kind is vae (stage 1), diffusion (stage 2) or builtin (both, then ship)."""
+    """argv = [kind, *flags]; kind is vae (stage 1), diffusion (stage 2), builtin (both, then ship) or
+    controlnet (a layout ControlNet for a trained model)."""
     kind, *rest = argv or [""]
     if kind == "vae":
         from .vae import main as run
@@ -16,6 +17,8 @@ def main(argv: list[str]) -> None:
         from .diffusion import main as run
     elif kind == "builtin":
         from .builtin import main as run
+    elif kind == "controlnet":
+        from .controlnet import main as run
     else:
         raise choice_error("training kind", kind, list(KINDS))
     run(rest)
