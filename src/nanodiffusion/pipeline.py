@@ -37,7 +37,7 @@ from .schedules import NoiseSchedule
 
 MAX_BATCH = 64
 MAX_SIDE = 2048
-SMALL_LATENT = 32 * 32
+SMALL_WORK = 1e10  # latent cells x UNet parameters below which one thread is faster (the built-in model: 2e9)
 
 
 class Interrupted(Exception):
@@ -169,7 +169,8 @@ class Pipeline:
         for message in prompt_warnings(self.tokenizer, text):
             warnings.warn(message, PromptWarning, stacklevel=2)
         cells = (width or self.default_size) * (height or self.default_size) // self.vae_scale**2
-        with self.lora_applied(self.loras + tagged), thread_budget(cells), fast_paths(self.unet, self.fast):
+        work = cells * sum(p.numel() for p in self.unet.parameters())
+        with self.lora_applied(self.loras + tagged), thread_budget(work), fast_paths(self.unet, self.fast):
             return self.generate(
                 text, negative_prompt, steps=steps, sampler=sampler, schedule=schedule, cfg=cfg, seed=seed,
                 width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
@@ -319,10 +320,11 @@ def pin_known_region(denoiser: Callable[..., torch.Tensor], mask: torch.Tensor,
 
 
 @contextmanager
-def thread_budget(latent_cells: int):
-    """Tiny latents run faster on one thread: splitting small kernels across cores costs more than it saves,
-    and far more on a busy machine. The user's OMP_NUM_THREADS, when set, is respected."""
-    if latent_cells > SMALL_LATENT or "OMP_NUM_THREADS" in os.environ:
+def thread_budget(work: float):
+    """Tiny models on tiny latents (work = latent cells x UNet parameters) run faster on one thread: splitting
+    small kernels across cores costs more than it saves, and far more on a busy machine. SD-size work uses
+    every thread. The user's OMP_NUM_THREADS, when set, is respected."""
+    if work > SMALL_WORK or "OMP_NUM_THREADS" in os.environ:
         yield
         return
     threads = torch.get_num_threads()
