@@ -38,12 +38,11 @@ from .schedules import NoiseSchedule
 MAX_BATCH = 64
 MAX_SIDE = 2048
 SMALL_WORK = 1e10  # latent cells x UNet parameters below which one thread is faster (the built-in model: 2e9)
+EXACT_PREVIEW_CELLS = 32 * 32  # latents this small are previewed with the real VAE decode
 
 
 class Interrupted(Exception):
     """Raised by a progress callback to stop a generation cleanly."""
-
-EXACT_PREVIEW_CELLS = 32 * 32  # latents this small are previewed with the real VAE decode
 
 
 @dataclass
