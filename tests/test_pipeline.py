@@ -154,3 +154,16 @@ def test_prompt_warnings_name_what_the_model_will_not_read(pipe):
         pipe("", steps=1, seed=0)
     with pytest.warns(PromptWarning, match="chunks"):
         pipe("circle " * (pipe.tokenizer.model_max_length + 5), steps=1, seed=0)
+
+
+def test_meta_device_build_loads_the_same_model(monkeypatch):
+    """Big checkpoints are built on the meta device (no random init); the result equals the ordinary build."""
+    from nanodiffusion import loading
+
+    plain = Pipeline.load()
+    monkeypatch.setattr(loading, "META_BUILD_MIN", 0)
+    meta = Pipeline.load()
+    for a, b in ((plain.unet, meta.unet), (plain.vae, meta.vae), (plain.text_encoder, meta.text_encoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(pixels(plain("a red circle", steps=2, seed=0)), pixels(meta("a red circle", steps=2, seed=0)))
