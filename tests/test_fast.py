@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_pipeline
 
 from nanodiffusion.cli import build_parser, fast_options
 from nanodiffusion.data.shapes import render, sample_scene
@@ -16,31 +17,12 @@ from nanodiffusion.fast.deepcache import deep_cache
 from nanodiffusion.fast.preview import LatentPreview
 from nanodiffusion.fast.tome import bipartite_merging
 from nanodiffusion.images import to_pil, to_tensor
-from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel
 from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
-from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
-from nanodiffusion.models.word_tokenizer import WordTokenizer
 from nanodiffusion.pipeline import Pipeline
-from nanodiffusion.schedules import NoiseSchedule
 from nanodiffusion.storage import store_weights
 
 SIZE = 32
 PROMPT = "a red circle above a blue square"
-
-
-def tiny_pipeline() -> Pipeline:
-    torch.manual_seed(0)
-    tokenizer = WordTokenizer.build(["a red blue circle square above below"], model_max_length=12)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12))
-    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=SIZE // 2))
-    vae = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=[16, 32], norm_num_groups=8,
-                                                 down_block_types=["DownEncoderBlock2D"] * 2,
-                                                 up_block_types=["UpDecoderBlock2D"] * 2)))
-    for model in (text, unet, vae):
-        model.eval().requires_grad_(False)
-    return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=NoiseSchedule(),
-                    name="tiny", default_size=SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.lora_files import load_lora, read_metadata
-from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel
-from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
-from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.models.word_tokenizer import WordTokenizer
 from nanodiffusion.pipeline import Pipeline
-from nanodiffusion.schedules import NoiseSchedule
 from nanodiffusion.train.diffusion import DiffusionObjective
 from nanodiffusion.train.dreambooth import PriorPreservationObjective
 from nanodiffusion.train.finetune import finetune, latent_batch, main
@@ -35,18 +32,7 @@ def one_thread():
 
 
 def tiny_pipe() -> Pipeline:
-    torch.manual_seed(0)
-    tokenizer = WordTokenizer.build(["a red blue circle square cross"], model_max_length=8)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8))
-    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=SIZE // 2))
-    vae = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=[16, 32], norm_num_groups=8,
-                                                 down_block_types=["DownEncoderBlock2D"] * 2,
-                                                 up_block_types=["UpDecoderBlock2D"] * 2)))
-    for model in (text, unet, vae):
-        model.eval().requires_grad_(False)
-    return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=NoiseSchedule(),
-                    name="tiny", model_hash="0123456789", default_size=SIZE)
+    return tiny_pipeline(SIZE, words="a red blue circle square cross", max_length=8, text_layers=1)
 
 
 @pytest.fixture

@@ -4,36 +4,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.images import save_png
 from nanodiffusion.lora_files import save_lora
-from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel
 from nanodiffusion.models.lora import create_lora
-from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
-from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
-from nanodiffusion.models.word_tokenizer import WordTokenizer
 from nanodiffusion.pipeline import Interrupted, Pipeline, PromptWarning
 from nanodiffusion.prompts import parse_parameters
-from nanodiffusion.schedules import NoiseSchedule
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    torch.manual_seed(0)
-    tokenizer = WordTokenizer.build(["a red blue circle square above below"], model_max_length=12)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12))
-    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=SIZE // 2))
-    vae = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=[16, 32], norm_num_groups=8,
-                                                 down_block_types=["DownEncoderBlock2D"] * 2,
-                                                 up_block_types=["UpDecoderBlock2D"] * 2)))
-    for model in (text, unet, vae):
-        model.eval().requires_grad_(False)
-    return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=NoiseSchedule(),
-                    name="tiny", model_hash="0123456789", default_size=SIZE)
+    return tiny_pipeline(SIZE)
 
 
 def pixels(images):
