@@ -22,8 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .checkpoint_keys import (CLIP_PREFIX, OPEN_CLIP_PREFIX, count_indices, diffusers_to_original, has_prefix,
-                              key_error, original_to_diffusers, text_model_names)
+from .checkpoint_keys import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    count_indices,
+    diffusers_to_original,
+    has_prefix,
+    key_error,
+    original_to_diffusers,
+    text_model_names,
+)
 from .errors import NanoDiffusionError, choice_error
 
 PARTS = ("unet", "vae", "text_encoder")

@@ -16,9 +16,8 @@ from .errors import NanoDiffusionError
 def _generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpaint from the command line; writes PNGs with their parameters."""
     from .images import image_grid, load_image, save_png
-    from .pipeline import Pipeline
-
     from .lora_files import parse_lora_arg
+    from .pipeline import Pipeline
 
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
                          weights_dtype=args.weights_dtype)

@@ -22,8 +22,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint_keys import Entry, KeyTable, UNetLayout, count_indices, has_prefix, split_prefix, unet_table
-from .checkpoints import (DIFFUSERS_VERSION, METADATA_KEY, load_into, load_state_dict, part_weights, read_json,
-                          read_metadata, version_from_unet)
+from .checkpoints import (
+    DIFFUSERS_VERSION,
+    METADATA_KEY,
+    load_into,
+    load_state_dict,
+    part_weights,
+    read_json,
+    read_metadata,
+    version_from_unet,
+)
 from .errors import NanoDiffusionError
 from .models.controlnet import ControlNetConfig, ControlNetModel
 

@@ -93,7 +93,8 @@ class Pipeline:
                 raise NanoDiffusionError(
                     f"{name} {value} is not allowed: use a multiple of {step} between {step} and {MAX_SIDE}")
 
-    def encode_text(self, prompts: list[str], negatives: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompts: list[str], negatives: list[str],
+                    clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts and negative prompts together so both get the same number of chunks."""
         context = encode_prompts(self.text_encoder, self.tokenizer, prompts + negatives, clip_skip=clip_skip)
         return context[: len(prompts)], context[len(prompts):]

@@ -242,7 +242,8 @@ def info_json(job: Job, pipeline: Any, body: Txt2ImgRequest) -> str:
         "extra_generation_params": {"Schedule type": kwargs["schedule"]}, "index_of_first_image": 0,
         "infotexts": [image.info.get("parameters", "") for image in job.images], "styles": body.styles or [],
         "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
-        "clip_skip": kwargs["clip_skip"], "is_using_inpainting_conditioning": kwargs["mask"] is not None and pipeline.is_inpainting_model,
+        "clip_skip": kwargs["clip_skip"],
+        "is_using_inpainting_conditioning": kwargs["mask"] is not None and pipeline.is_inpainting_model,
         "interrupted": job.interrupt, "saved": job.saved, "version": "nanodiffusion",
     })
 

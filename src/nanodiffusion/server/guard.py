@@ -95,7 +95,8 @@ class Guard:
             user, _, password = base64.b64decode(encoded).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
-        matches = [secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(), p.encode())
+        matches = [secrets.compare_digest(user.encode(), u.encode())
+                   & secrets.compare_digest(password.encode(), p.encode())
                    for u, p in self.credentials]
         return any(matches)
 

@@ -22,8 +22,15 @@ from torch import nn
 
 from ..errors import NanoDiffusionError
 from .args import add_common_arguments, config_from_args
-from .builtin import (BUILTIN_CFG, BUILTIN_SCHEDULER, BUILTIN_TEXT_ENCODER, BUILTIN_UNET, DIFFUSION_RECIPE,
-                      MAX_TOKENS, write_pipeline_folder)
+from .builtin import (
+    BUILTIN_CFG,
+    BUILTIN_SCHEDULER,
+    BUILTIN_TEXT_ENCODER,
+    BUILTIN_UNET,
+    DIFFUSION_RECIPE,
+    MAX_TOKENS,
+    write_pipeline_folder,
+)
 from .data import batch_indices, open_dataset
 from .loop import TrainConfig, config_dict, train
 
