@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from perf import CFG, NEGATIVE, PROMPT, SEED, WEIGHTS, make_weights, timed, write_table
 
 from nanodiffusion.evaluate import evaluate_folder
@@ -251,33 +250,38 @@ def memory(weights: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- report
 
+def table(title: str, columns: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """A titled markdown table: the first `left` columns left-aligned, the rest (numbers) right-aligned."""
+    rule = "|" + "|".join(["---"] * left + ["---:"] * (len(columns) - left)) + "|"
+    return [title, "", "| " + " | ".join(columns) + " |", rule, *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def float32_label(row: dict, packed: str) -> str:
+    """The weights column: the dtype, and for float32 whether the oneDNN-packed copies were on."""
+    return row["dtype"] + ((f", {packed}" if row["packed"] else ", packing off") if row["dtype"] == "float32" else "")
+
+
 def markdown(report: dict) -> str:
     """The results as markdown tables."""
     lines = [f"{report['threads']} thread(s), torch {torch.__version__}; load average {report['load'][0]:.1f} "
              f"at the start, {report['load_end'][0]:.1f} at the end of the last run ({report['parts']}: "
              f"{report['minutes']:.0f} minutes).", ""]
     if report.get("builtin"):
-        base = report["builtin"][0]
-        lines += [f"**Built-in model** ({report['prompts']} held-out + {report['prompts']} training prompts, "
-                  "20 Euler a steps, seed 0; evaluator overall score; CPU seconds per image):", "",
-                  "| configuration | held-out score | train score | CPU s / image | speed-up "
-                  "| mean abs diff to exact |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for r in report["builtin"]:
-            lines.append(f"| {r['config']} | {r['heldout']:.1%} | {r['train']:.1%} | {r['cpu_per_image']:.3f} | "
-                         f"{base['cpu_per_image'] / r['cpu_per_image']:.2f}x | {r['mean_abs_diff']:.4f} |")
-        lines.append("")
+        base = report["builtin"][0]["cpu_per_image"]
+        lines += table(
+            f"**Built-in model** ({report['prompts']} held-out + {report['prompts']} training prompts, "
+            "20 Euler a steps, seed 0; evaluator overall score; CPU seconds per image):",
+            ["configuration", "held-out score", "train score", "CPU s / image", "speed-up", "mean abs diff to exact"],
+            [[r["config"], f"{r['heldout']:.1%}", f"{r['train']:.1%}", f"{r['cpu_per_image']:.3f}",
+              f"{base / r['cpu_per_image']:.2f}x", f"{r['mean_abs_diff']:.4f}"] for r in report["builtin"]])
     if report.get("sd"):
-        base = report["sd"][0]
-        lines += [f"**Random SD 1.5-shaped model**, {SD_SIZE} px, {SD_STEPS} Euler steps, CFG {CFG}, one image "
-                  "(text encoder and VAE decode included):", "",
-                  "| configuration | CPU s / image | speed-up (CPU) | wall s | mean abs diff to exact "
-                  "| PSNR to exact |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for r in report["sd"]:
-            lines.append(f"| {r['config']} | {r['cpu_seconds']:.1f} | {base['cpu_seconds'] / r['cpu_seconds']:.2f}x | "
-                         f"{r['seconds']:.1f} | {r['mean_abs_diff']:.4f} | {r['psnr']:.1f} dB |")
-        lines.append("")
+        base = report["sd"][0]["cpu_seconds"]
+        lines += table(
+            f"**Random SD 1.5-shaped model**, {SD_SIZE} px, {SD_STEPS} Euler steps, CFG {CFG}, one image "
+            "(text encoder and VAE decode included):",
+            ["configuration", "CPU s / image", "speed-up (CPU)", "wall s", "mean abs diff to exact", "PSNR to exact"],
+            [[r["config"], f"{r['cpu_seconds']:.1f}", f"{base / r['cpu_seconds']:.2f}x", f"{r['seconds']:.1f}",
+              f"{r['mean_abs_diff']:.4f}", f"{r['psnr']:.1f} dB"] for r in report["sd"]])
     for name, label in (("builtin_preview", "built-in model, 64 px"), ("sd_preview", f"random SD 1.5, {SD_SIZE} px")):
         if report.get(name):
             p = report[name]
@@ -286,37 +290,29 @@ def markdown(report: dict) -> str:
                       f"(one-off fit {p['fit_cpu_seconds']:.2f} s); PSNR of the preview to the decode "
                       f"{p['psnr']:.1f} dB.", ""]
     if report.get("tome"):
-        base = report["tome"][0]
-        lines += ["**Token merging where attention is large**: one SD 1.5 UNet step at 512 px (4096 top-level "
-                  "tokens), batch 2, median of 2:", "",
-                  "| ToMe ratio | CPU s | speed-up (CPU) | relative difference of the noise prediction |",
-                  "|---:|---:|---:|---:|"]
-        for r in report["tome"]:
-            lines.append(f"| {r['ratio']:g} | {r['cpu_seconds']:.2f} | {base['cpu_seconds'] / r['cpu_seconds']:.2f}x | "
-                         f"{r['relative_diff']:.3f} |")
-        lines.append("")
+        base = report["tome"][0]["cpu_seconds"]
+        lines += table(
+            "**Token merging where attention is large**: one SD 1.5 UNet step at 512 px (4096 top-level "
+            "tokens), batch 2, median of 2:",
+            ["ToMe ratio", "CPU s", "speed-up (CPU)", "relative difference of the noise prediction"],
+            [[f"{r['ratio']:g}", f"{r['cpu_seconds']:.2f}", f"{base / r['cpu_seconds']:.2f}x",
+              f"{r['relative_diff']:.3f}"] for r in report["tome"]], left=0)
     if report.get("storage"):
-        base = report["storage"][0]
-        lines += [f"**Weight storage, speed**: one SD 1.5 UNet step at {SD_SIZE} px, batch 2, median of 2:", "",
-                  "| weights | CPU s | time vs float32 packed | relative difference of the noise prediction |",
-                  "|---|---:|---:|---:|"]
-        for r in report["storage"]:
-            label = r["dtype"] + ((", packed" if r["packed"] else ", packing off") if r["dtype"] == "float32" else "")
-            lines.append(f"| {label} | {r['cpu_seconds']:.2f} | {r['cpu_seconds'] / base['cpu_seconds']:.2f}x | "
-                         f"{r['relative_diff']:.1e} |")
-        lines.append("")
+        base = report["storage"][0]["cpu_seconds"]
+        lines += table(
+            f"**Weight storage, speed**: one SD 1.5 UNet step at {SD_SIZE} px, batch 2, median of 2:",
+            ["weights", "CPU s", "time vs float32 packed", "relative difference of the noise prediction"],
+            [[float32_label(r, "packed"), f"{r['cpu_seconds']:.2f}", f"{r['cpu_seconds'] / base:.2f}x",
+              f"{r['relative_diff']:.1e}"] for r in report["storage"]])
     if report.get("memory"):
-        lines += [f"**Weight storage**, SD 1.5 random weights, one {MEMORY_SIZE} px image, {MEMORY_STEPS} Euler "
-                  "steps with CFG, each row its own process:", "",
-                  "| side | weights | peak RSS | load s | image wall s | image CPU s |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for r in report["memory"]:
-            weights = r["dtype"]
-            if r["side"] == "ours" and r["dtype"] == "float32":
-                weights += ", packed copies" if r["packed"] else ", packing off"
-            lines.append(f"| {r['side']} | {weights} | {r['peak_rss_gb']:.2f} GB | {r['load_seconds']:.1f} | "
-                         f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} |")
-    return "\n".join(lines) + "\n"
+        lines += table(
+            f"**Weight storage**, SD 1.5 random weights, one {MEMORY_SIZE} px image, {MEMORY_STEPS} Euler "
+            "steps with CFG, each row its own process:",
+            ["side", "weights", "peak RSS", "load s", "image wall s", "image CPU s"],
+            [[r["side"], float32_label(r, "packed copies") if r["side"] == "ours" else r["dtype"],
+              f"{r['peak_rss_gb']:.2f} GB", f"{r['load_seconds']:.1f}", f"{r['seconds']:.1f}",
+              f"{r['cpu_seconds']:.1f}"] for r in report["memory"]], left=2)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main() -> None:
