@@ -226,6 +226,94 @@ def run_worker(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------- whole processes, as a CLI user runs them
+
+WHOLE_BEGIN, WHOLE_END = "<!-- perf.py whole-process results: begin -->", "<!-- perf.py whole-process results: end -->"
+# diffusers' side of a whole-process row: import, load, one DDIM image with CFG, save (argv: folder steps size
+# dtype output)
+DIFFUSERS_SCRIPT = """
+import sys, torch, diffusers
+folder, steps, size, dtype, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                         torch_dtype=getattr(torch, dtype))
+pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+pipe(%r, negative_prompt=%r, num_inference_steps=steps, guidance_scale=%r, height=size, width=size,
+     generator=torch.Generator().manual_seed(%r)).images[0].save(out)
+""" % (PROMPT, NEGATIVE, CFG, SEED)
+
+
+def whole_process(side: str, folder: Path, steps: int, size: int, precision: str, out: Path) -> dict:
+    """One image in a fresh process (import + load + generate + save): wall and CPU seconds, peak RSS."""
+    if side == "ours":
+        command = [sys.executable, "-m", "nanodiffusion.cli", "generate", PROMPT, "--negative", NEGATIVE,
+                   "--model", str(folder), "--sampler", "ddim", "--steps", str(steps), "--cfg", str(CFG),
+                   "--seed", str(SEED), "--width", str(size), "--height", str(size), "--precision", precision,
+                   "-o", str(out)]
+    else:
+        command = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), str(steps), str(size), precision, str(out)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if status:
+        raise RuntimeError(f"{side} {precision} {size} px failed:\n{child.stderr.read().decode()[-3000:]}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_gb": usage.ru_maxrss / 2**20}
+
+
+def psnr(a: Path, b: Path) -> float:
+    """Peak signal-to-noise ratio (dB) of two 8-bit images."""
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p), dtype=np.float64) for p in (a, b))
+    mse = ((x - y) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def run_whole(folder: Path, sizes: list[int], step_counts: list[int]) -> list[dict]:
+    """Whole-process rows, both sides at both precisions, one at a time; PSNR of each bf16 image to the same
+    side's fp32 image, and max |ours - diffusers| of the fp32 images (parity)."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for steps in step_counts:
+                images = {}
+                for precision in ("float32", "bfloat16"):
+                    row = {"size": size, "steps": steps, "precision": precision}
+                    for side in ("ours", "diffusers"):
+                        images[side, precision] = Path(tmp) / f"{side}-{precision}.png"
+                        row[side] = whole_process(side, folder, steps, size, precision, images[side, precision])
+                    row["ratio"] = row["ours"]["seconds"] / row["diffusers"]["seconds"]
+                    rows.append(row)
+                    print(f"{size} px, {steps} steps, {precision}: ours {row['ours']}, diffusers "
+                          f"{row['diffusers']}", flush=True)
+                for side in ("ours", "diffusers"):
+                    rows[-1][side]["psnr_to_fp32"] = psnr(images[side, "float32"], images[side, "bfloat16"])
+                fp32 = [np.asarray(Image.open(images[side, "float32"]), dtype=np.float64) for side in
+                        ("ours", "diffusers")]
+                rows[-2]["max_abs_diff"] = float(np.abs(fp32[0] - fp32[1]).max())
+    return rows
+
+
+def whole_markdown(rows: list[dict]) -> str:
+    """The whole-process rows as a markdown table."""
+    lines = ["| size, DDIM steps | precision | ours | diffusers | ours / diffusers (wall) | (CPU time) | "
+             "ours peak RSS | diffusers peak RSS | bf16 PSNR to fp32: ours / diffusers | fp32 max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        o, d = row["ours"], row["diffusers"]
+        quality = f"{o['psnr_to_fp32']:.1f} / {d['psnr_to_fp32']:.1f} dB" if "psnr_to_fp32" in o else ""
+        parity = f"{row['max_abs_diff']:.0f}/255" if "max_abs_diff" in row else ""
+        lines.append(f"| {row['size']} px, {row['steps']} | {row['precision']} | {o['seconds']:.1f} s | "
+                     f"{d['seconds']:.1f} s | {row['ratio']:.2f} | {o['cpu_seconds'] / d['cpu_seconds']:.2f} | "
+                     f"{o['peak_rss_gb']:.2f} GB | {d['peak_rss_gb']:.2f} GB | {quality} | {parity} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- FLOPs and the machine's peak
 
 def matmul_peak(n: int = 4096, repeats: int = 5) -> dict:
@@ -375,10 +463,20 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the random model is kept")
     parser.add_argument("--output", type=Path, default=DOCS / "performance",
                         help="writes OUTPUT.json and the tables into OUTPUT.md")
+    parser.add_argument("--whole", action="store_true",
+                        help="only the whole-process rows (import + load + generate + save, one image per process)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="whole-process image sizes")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 20], help="whole-process DDIM step counts")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.whole:
+        rows = run_whole(make_weights(args.weights), args.sizes, args.steps)
+        args.output.with_suffix(".whole.json").write_text(json.dumps(rows, indent=2) + "\n")
+        table = whole_markdown(rows)
+        print(table)
+        return write_table(args.output.with_suffix(".md"), table, WHOLE_BEGIN, WHOLE_END)
     report = run(args.quick, args.weights)
     table = markdown(report)
     print(table)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from nanodiffusion.samplers import SAMPLERS, sample_heun
 from nanodiffusion.schedules import NoiseSchedule
@@ -91,7 +90,8 @@ def run() -> list[dict]:
             model = Counted()
             if info.stochastic:
                 gen = torch.Generator().manual_seed(steps)
-                x = torch.randn(SAMPLES, 2, generator=gen, dtype=torch.float64) * info.initial_noise_scale(sigmas)
+                x = torch.randn(SAMPLES, 2, generator=gen, dtype=torch.float64)
+                x = x * info.initial_noise_scale(sigmas, schedule)
                 out = info.fn(model, x, sigmas, generator=gen)
                 row["err"].append(sliced_w2(out, sample_data(SAMPLES, gen)))
             else:
@@ -123,42 +123,23 @@ def table(rows: list[dict], seconds: float) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Two log-log panels (error vs steps): deterministic ODE error, stochastic sliced W2. Pillow only."""
-    colors = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#000075"]
-    width, height, pad = 1200, 560, 70
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    """Two log-log panels (error vs steps): deterministic ODE error, stochastic sliced W2 (matplotlib, Agg)."""
+    from nanodiffusion.learn.report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     panels = [(False, "deterministic: RMS error vs exact ODE"), (True, "stochastic: sliced W2 to the data")]
-    for p, (stochastic, title) in enumerate(panels):
-        chosen = [r for r in rows if r["stochastic"] == stochastic]
-        errs = [e for r in chosen for e in r["err"]]
-        lo, hi = math.floor(math.log10(min(errs))), math.ceil(math.log10(max(errs)))
-        x0, x1 = p * width // 2 + pad, (p + 1) * width // 2 - 170
-        y0, y1 = pad, height - pad
-
-        def to_xy(steps: int, err: float) -> tuple[float, float]:
-            fx = (math.log(steps) - math.log(STEPS[0])) / (math.log(STEPS[-1]) - math.log(STEPS[0]))
-            fy = (math.log10(err) - lo) / max(hi - lo, 1)
-            return x0 + fx * (x1 - x0), y1 - fy * (y1 - y0)
-
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0, y0 - 25), title, fill="black")
-        for decade in range(lo, hi + 1):
-            y = to_xy(STEPS[0], 10.0**decade)[1]
-            draw.line([x0, y, x1, y], fill="#dddddd")
-            draw.text((x0 - 45, y - 6), f"1e{decade}", fill="black")
-        for s in STEPS:
-            x = to_xy(s, 10.0**lo)[0]
-            draw.text((x - 6, y1 + 8), str(s), fill="black")
-        draw.text(((x0 + x1) // 2 - 15, y1 + 28), "steps", fill="black")
-        for i, r in enumerate(chosen):
-            color = colors[i % len(colors)] if r["name"] != "floor" else "#888888"
-            points = [to_xy(s, e) for s, e in zip(STEPS, r["err"])]
-            draw.line(points, fill=color, width=2)
-            for x, y in points:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-            draw.text((x1 + 10, y0 + 18 * i), r["display"], fill=color)
-    image.save(path)
+    for ax, (stochastic, title) in zip(axes, panels):
+        for r in (r for r in rows if r["stochastic"] == stochastic):
+            floor = r["name"] == "floor"
+            ax.plot(STEPS, r["err"], "--" if floor else "o-", color="0.5" if floor else None, label=r["display"])
+        ax.set(xscale="log", yscale="log", xlabel="steps", ylabel="error", title=title)
+        ax.set_xticks(STEPS, [str(s) for s in STEPS])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main() -> None:

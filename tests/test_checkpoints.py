@@ -303,3 +303,25 @@ def test_convert_both_ways_and_describe(tmp_path, v1_parts):
         load_checkpoint(tmp_path)
     with pytest.raises(NanoDiffusionError, match=".safetensors only"):
         convert(tmp_path / "folder", tmp_path / "out.ckpt")
+
+
+@pytest.mark.parametrize("bias,expected", [(-3.0, "v_prediction"), (0.0, "epsilon")])
+def test_sd2_single_file_prediction_is_probed(tmp_path, bias, expected):
+    """An SD 2.x single file cannot say its prediction type: the web UI's one-call probe (mean(F(x) - x) < -1 at
+    t = 999 on x = 0.5) decides, `nanodiff info` says which and why, and an explicit prediction overrides it."""
+    from nanodiffusion.checkpoints import settle_prediction
+
+    unet = tiny_unet(cross_attention_dim=1024, block_out_channels=(64, 64, 128), use_linear_projection=True)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.constant_(unet.conv_out.bias, bias)   # F = bias: a v model answers about -x0, far below x
+    path = tmp_path / "v2.safetensors"
+    save_file(diffusers_to_original({"unet": unet.state_dict()}), path)
+    info = describe(path)
+    assert info["version"] == "v2" and info["prediction"] == expected and "probe" in info["prediction_from"]
+    ckpt = load_checkpoint(path)
+    settle_prediction(ckpt)
+    assert ckpt.scheduler["prediction_type"] == expected
+    assert ckpt.configs["unet"]["sample_size"] == (96 if expected == "v_prediction" else 64)
+    forced = load_checkpoint(path, prediction="epsilon")
+    settle_prediction(forced)
+    assert forced.info["prediction"] == "epsilon" and forced.info["prediction_from"] == "set by --prediction"

@@ -9,9 +9,9 @@ import torch
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, bundled_bpe_path,
                                        clean_text)
-from oracles import clip_tokenizer_dir
+from oracles import clip_tokenizer_dir, missing_oracle, require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 # Text that every CLIP normalisation leaves alone except for NFC, whitespace and case.
 PLAIN = [
@@ -58,7 +58,7 @@ def openai():
     """OpenAI's reference tokenizer as clip-anytorch ships it (loaded without the package __init__)."""
     path = bundled_bpe_path()
     if path is None:
-        pytest.skip("clip-anytorch is not installed")
+        missing_oracle("clip-anytorch is not installed")
     spec = importlib.util.spec_from_file_location("clip_simple_tokenizer", path.parent / "simple_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

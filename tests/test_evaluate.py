@@ -13,6 +13,7 @@ from nanodiffusion.data.shapes import realize, render, sample_scene
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.evaluate import (Detection, connected_components, detect, evaluate, evaluate_folder,
                                     format_table, score)
+from oracles import require
 
 
 def ground_truth(n, seed):
@@ -30,7 +31,7 @@ def accuracy(scenes, degrade=lambda image: image):
 
 
 def test_connected_components_match_scipy():
-    scipy_label = pytest.importorskip("scipy.ndimage").label
+    scipy_label = require("scipy.ndimage").label
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (64, 64)) * (rng.random((64, 64)) < 0.7)
     ours = connected_components(labels)

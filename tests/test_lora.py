@@ -17,8 +17,9 @@ from nanodiffusion.lora_files import (extract_lora_tags, find_lora, load_lora, p
 from nanodiffusion.models.clip import CLIPTextConfig as CLIPTextConfig_ours
 from nanodiffusion.models.clip import CLIPTextModel as CLIPTextModel_ours
 from nanodiffusion.models.lora import create_lora
+from oracles import require
 
-peft = pytest.importorskip("peft", reason="diffusers' LoRA loader needs peft (dev extra)")
+peft = require("peft")  # diffusers' LoRA loader needs it
 
 TEXT = dict(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_hidden_layers=12, vocab_size=1000,
             bos_token_id=0, eos_token_id=2, pad_token_id=1)

@@ -7,10 +7,10 @@ from PIL import Image
 
 from nanodiffusion.images import mask_to_tensor, to_tensor
 from nanodiffusion.pipeline import Pipeline
-from oracles import clip_tokenizer_dir
+from oracles import clip_tokenizer_dir, require
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                     num_train_timesteps=1000)
@@ -143,8 +143,9 @@ def test_inpainting_ordinary_model_keeps_the_known_region(saved):
     assert (final["x0"][~keep] - known[~keep]).abs().max() > 0.1
 
 
-def test_original_single_file_matches_the_folder(saved, tmp_path):
-    """A single file in the original SD 1.x key layout (no metadata: configs inferred) gives the folder's images."""
+def test_original_single_file_matches_the_folder(saved, published, tmp_path):
+    """A single file in the original SD 1.x key layout (no metadata: configs inferred) gives the images of the
+    folder carrying the published SD 1.5 scheduler config (no timestep_spacing: Euler a runs "linspace")."""
     from safetensors.torch import save_file
 
     from nanodiffusion.checkpoint_keys import diffusers_to_original
@@ -154,7 +155,7 @@ def test_original_single_file_matches_the_folder(saved, tmp_path):
     single = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_to_original(folder.parts).items()}, single)
     kw = dict(steps=4, sampler="euler_a", cfg=5.0, seed=9, width=SIZE, height=SIZE)
-    expected = Pipeline.load(saved["plain"])(PROMPT, **kw)
+    expected = published["sd15"][2](PROMPT, **kw)
     ours = Pipeline.load(single)(PROMPT, **kw)
     assert np.abs(pixels(ours) - pixels(expected)).max() == 0
 
@@ -172,3 +173,62 @@ def test_few_steps_match_too(saved, sampler, schedule):
     ours = Pipeline.load(saved["plain"])(PROMPT, steps=3, sampler=sampler, schedule=schedule, cfg=7.0, seed=42,
                                          width=SIZE, height=SIZE)
     assert np.abs(pixels(ours) - expected).max() <= 2 / 255
+
+
+# The scheduler_config.json texts the released checkpoints publish (runwayml/stable-diffusion-v1-5,
+# stabilityai/stable-diffusion-2-1). Neither has "timestep_spacing": each diffusers scheduler then uses its own
+# default ("leading" for DDIM / PNDM / DDPM, "linspace" for the others), and so must each of our samplers.
+PUBLISHED = {
+    "sd15": '{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": '
+            '"scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": false, '
+            '"skip_prk_steps": true, "steps_offset": 1, "trained_betas": null, "clip_sample": false}',
+    "sd21": '{"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012, "beta_schedule": '
+            '"scaled_linear", "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000, '
+            '"prediction_type": "v_prediction", "set_alpha_to_one": false, "skip_prk_steps": true, '
+            '"steps_offset": 1, "trained_betas": null}',
+}
+# every sampler with a diffusers counterpart -> that scheduler and the options its web-UI name implies
+# (DPM++ SDE draws from a Brownian tree, DPM++ 2S a and Langevin have no diffusers scheduler)
+MIRRORS = {
+    "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {}), "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def published(saved, tmp_path_factory):
+    """Per published config: the tiny folder carrying it, diffusers' pipeline and ours loaded from it."""
+    import shutil
+
+    out = {}
+    for name, text in PUBLISHED.items():
+        folder = tmp_path_factory.mktemp(name) / "model"
+        shutil.copytree(saved["plain"], folder)
+        (folder / "scheduler" / "scheduler_config.json").write_text(text)
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        ref.set_progress_bar_config(disable=True)
+        out[name] = (ref, ref.scheduler.config, Pipeline.load(folder))
+    return out
+
+
+# diffusers' PNDM extrapolates a v model's raw outputs and converts the sum to eps at the current x; PLMS here (as
+# the paper and the original LDM / web-UI PLMS do) extrapolates each step's own eps, so SD 2.1 + PLMS is left out.
+PUBLISHED_CASES = [(c, s) for c in PUBLISHED for s in MIRRORS if (c, s) != ("sd21", "plms")]
+
+
+@pytest.mark.parametrize("config,sampler", PUBLISHED_CASES)
+def test_published_configs_match_diffusers(published, config, sampler):
+    """Users switch schedulers with from_config(pipe.scheduler.config): keys the file lacks take that class's
+    defaults. Ours must give the same image from the same folder, for every sampler."""
+    ref, scheduler_config, ours = published[config]
+    name, extra = MIRRORS[sampler]
+    ref.scheduler = getattr(diffusers, name).from_config(scheduler_config, **extra)
+    expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=SIZE,
+                   width=SIZE, num_images_per_prompt=2, generator=generators(11, 2), output_type="np").images
+    images = ours(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, cfg=6.0, seed=11, batch=2, width=SIZE, height=SIZE)
+    assert ours.prediction == ("v_prediction" if config == "sd21" else "epsilon")
+    assert np.abs(pixels(images) - expected).max() <= 2 / 255

@@ -9,7 +9,7 @@ import torch
 from nanodiffusion.denoisers import Denoiser
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.guidance import cfg_denoiser
-from nanodiffusion.samplers import SAMPLERS, get_sampler, initial_noise_scale
+from nanodiffusion.samplers import SAMPLERS, get_sampler
 from nanodiffusion.schedules import NoiseSchedule
 from oracles import k_sampling
 from samplers_common import MU, STD, denoiser, start_noise
@@ -64,9 +64,10 @@ def test_matches_k_diffusion(sampler, spacing):
 def moments(sampler: str, steps: int, n: int = 20000, seed: int = 0) -> tuple[float, float]:
     """Mean and std of n samples of N(0, STD^2) drawn with the exact denoiser."""
     info = SAMPLERS[sampler]
-    sigmas = info.sigmas(NoiseSchedule(), steps, "karras" if not info.discrete else "default")
+    schedule = NoiseSchedule()
+    sigmas = info.sigmas(schedule, steps, "karras" if not info.discrete else "default")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, generator=g, dtype=torch.float64) * info.initial_noise_scale(sigmas)
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64) * info.initial_noise_scale(sigmas, schedule)
     out = info.fn(lambda x, sigma: exact_denoiser(x + MU, sigma) - MU, x, sigmas, generator=g)
     out = out / math.sqrt(1 + float(sigmas[-1]) ** 2)
     return float(out.mean()), float(out.std())
@@ -102,10 +103,16 @@ def test_registry_names():
 
 
 def test_initial_noise_scale_and_sigma_lists():
+    """One answer to "what is x_T": sigma_0 for k-diffusion samplers on linspace / trailing spacings, the VE image
+    of unit VP noise sqrt(1 + sigma_0^2) for VP-native samplers and, as diffusers does, on "leading" spacing."""
     schedule = NoiseSchedule()
     sigmas = SAMPLERS["euler"].sigmas(schedule, 10)
-    assert initial_noise_scale("euler", sigmas) == float(sigmas[0])
-    assert initial_noise_scale("DDIM", sigmas) == pytest.approx(math.sqrt(1 + float(sigmas[0]) ** 2))
+    vp = math.sqrt(1 + float(sigmas[0]) ** 2)
+    for spacing in ("linspace", "trailing"):
+        assert SAMPLERS["euler"].initial_noise_scale(sigmas, NoiseSchedule(timestep_spacing=spacing)) == sigmas[0]
+        assert SAMPLERS["ddim"].initial_noise_scale(sigmas, NoiseSchedule(timestep_spacing=spacing)) == vp
+        assert SAMPLERS["dpmpp_2m"].initial_noise_scale(sigmas, NoiseSchedule(timestep_spacing=spacing)) == vp
+    assert SAMPLERS["euler"].initial_noise_scale(sigmas, schedule) == vp
     assert len(SAMPLERS["ddim"].sigmas(schedule, 10)) == 11 and SAMPLERS["ddim"].sigmas(schedule, 10)[-1] > 0
     assert torch.equal(SAMPLERS["euler"].truncate(sigmas, 4), sigmas[4:])
 

@@ -8,9 +8,10 @@ import torch
 
 from nanodiffusion.samplers import SAMPLERS
 from nanodiffusion.schedules import NoiseSchedule
+from oracles import require
 from samplers_common import denoiser, eps_model, start_noise
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 STEPS = 8
@@ -30,7 +31,7 @@ def run_ours(sampler, schedule, steps, x_vp=None, x_ve=None, spacing="default", 
     """Our sampler from the same start: VP noise (for VP-native samplers) or a VE start; returns VP / VE x."""
     info = SAMPLERS[sampler]
     sigmas = info.sigmas(schedule, steps, spacing)
-    x = x_vp * info.initial_noise_scale(sigmas) if x_vp is not None else x_ve
+    x = x_vp * info.initial_noise_scale(sigmas, schedule) if x_vp is not None else x_ve
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out = info.fn(denoiser(schedule), x, sigmas, generator=generator, **options)
     return out / math.sqrt(1 + float(sigmas[-1]) ** 2) if x_vp is not None else out

@@ -7,9 +7,9 @@ import torch
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.samplers import SAMPLERS
 from nanodiffusion.schedules import NoiseSchedule
-from oracles import k_sampling
+from oracles import k_sampling, require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 
@@ -108,6 +108,24 @@ def test_final_sigma_and_from_config():
     assert NoiseSchedule.from_config({}).beta_schedule == "linear" and NoiseSchedule.from_config({}).final_sigma == 0
     ddim = SAMPLERS["ddim"].sigmas(ours, 10)
     assert ddim[-1] == ours.sigma_min and SAMPLERS["euler"].sigmas(ours, 10)[-1] == 0
+
+
+def test_missing_keys_take_each_samplers_diffusers_defaults():
+    """A published SD config has no timestep_spacing: Euler reads it as "linspace", DDIM as "leading"; a config
+    without betas gives Heun / LCM their own defaults. Keys the file has always win; code-made schedules stay."""
+    sd15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+            "set_alpha_to_one": False, "trained_betas": None}
+    ours = NoiseSchedule.from_config(sd15)
+    assert ours.timestep_spacing == "leading" and ours.with_defaults({}).timestep_spacing == "leading"
+    assert SAMPLERS["euler"].schedule(ours).timestep_spacing == "linspace"
+    assert SAMPLERS["plms"].schedule(ours).timestep_spacing == "leading"
+    assert SAMPLERS["euler"].schedule(NoiseSchedule.from_config({**sd15, "timestep_spacing": "trailing"})
+                                      ).timestep_spacing == "trailing"
+    assert SAMPLERS["ddim"].schedule(NoiseSchedule.from_config({})).set_alpha_to_one
+    assert not SAMPLERS["plms"].schedule(NoiseSchedule.from_config({})).set_alpha_to_one
+    assert SAMPLERS["heun"].schedule(NoiseSchedule.from_config({})).beta_end == 0.012
+    assert SAMPLERS["lcm"].schedule(NoiseSchedule.from_config({})).beta_schedule == "scaled_linear"
+    assert SAMPLERS["euler"].schedule(NoiseSchedule()).timestep_spacing == "leading"
 
 
 def test_bad_names_and_steps_raise_clear_errors():

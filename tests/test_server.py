@@ -24,9 +24,9 @@ from PIL import Image
 
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.images import to_pil
-from nanodiffusion.server.api import Limits
+from nanodiffusion.server.schema import Limits
 from nanodiffusion.server.app import create_app
-from nanodiffusion.server.guard import LOOPBACK_HOSTS
+from nanodiffusion.server.guard import LOOPBACK_HOSTS, allowed_hosts_for
 
 
 class FakePipeline:
@@ -37,6 +37,7 @@ class FakePipeline:
     default_size = 64
     default_cfg = 5.0
     clip_skip = 1
+    precision = "float32"
     is_inpainting_model = False
     controlnet = None
     lora_dir = None
@@ -402,14 +403,27 @@ def test_loopback_server_refuses_other_host_names(tmp_path):
             assert response.status_code == 403 and "--listen" in response.json()["detail"]
 
 
-def test_serve_binds_loopback_and_guards_host(monkeypatch, tmp_path):
+@pytest.mark.parametrize("bind", ["127.0.0.2", "::1", "localhost", "192.168.7.7"])
+def test_host_allow_list_covers_every_loopback_and_the_bind_address(tmp_path, bind):
+    app = create_app(FakePipeline(), outputs=tmp_path, allowed_hosts=allowed_hosts_for(bind))
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        for host in ("127.0.0.1", "127.0.0.2:7860", "127.255.0.9", "[::1]:80", "localhost:1", "[::ffff:127.0.0.3]",
+                     f"[{bind}]" if ":" in bind else bind):
+            assert client.get("/sdapi/v1/samplers", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "127.0.0.1.evil.example", "192.168.7.8", "0.0.0.0", "[::2]"):
+            response = client.post("/sdapi/v1/interrupt", headers={"Host": host, "Origin": f"http://{host}"})
+            assert response.status_code == 403 and "not allowed" in response.json()["detail"], host
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("::") is None
+
+
+def test_serve_binds_loopback_and_guards_host(monkeypatch, tmp_path, capsys):
     import argparse
 
     import nanodiffusion.pipeline
     from nanodiffusion.server.app import serve
 
     served = {}
-    monkeypatch.setattr(nanodiffusion.pipeline.Pipeline, "load", classmethod(lambda cls, path=None: FakePipeline()))
+    monkeypatch.setattr(nanodiffusion.pipeline.Pipeline, "load", classmethod(lambda cls, path=None, **kwargs: FakePipeline()))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
     args = argparse.Namespace(model=None, host="127.0.0.1", port=7860, listen=False, api_auth="u:p",
                               outputs=str(tmp_path / "outputs"), lora_dir=None, controlnet=None)
@@ -418,8 +432,16 @@ def test_serve_binds_loopback_and_guards_host(monkeypatch, tmp_path):
     with running(served["app"]) as url, httpx.Client(base_url=url, auth=("u", "p")) as client:
         assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "fake-model"
         assert client.get("/", headers={"Host": "evil.example"}).status_code == 403
+    capsys.readouterr()
     serve(argparse.Namespace(**{**vars(args), "listen": True, "api_auth": None}))
     assert served["host"] == "0.0.0.0"
+    banner = capsys.readouterr()
+    assert "http://0.0.0.0:7860" in banner.out and "WARNING" in banner.err and "--api-auth" in banner.err
+    serve(argparse.Namespace(**{**vars(args), "host": "127.0.0.2", "api_auth": None}))
+    assert "http://127.0.0.2:7860" in capsys.readouterr().out
+    with running(served["app"]) as url, httpx.Client(base_url=url) as client:
+        refused = client.post("/sdapi/v1/interrupt", headers={"Host": "evil.example", "Origin": "http://evil.example"})
+        assert refused.status_code == 403 and client.get("/", headers={"Host": "127.0.0.2:7860"}).status_code == 200
     with pytest.raises(NanoDiffusionError, match="USER:PASS"):
         serve(argparse.Namespace(**{**vars(args), "api_auth": "nopassword"}))
 

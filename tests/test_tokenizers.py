@@ -11,7 +11,7 @@ from nanodiffusion.models import tokenizers
 from nanodiffusion.models.clip import CLIPTokenizer, bundled_bpe_path
 from nanodiffusion.models.tokenizers import load_tokenizer
 from nanodiffusion.models.word_tokenizer import SPECIALS, WordTokenizer
-from oracles import clip_tokenizer_dir
+from oracles import clip_tokenizer_dir, missing_oracle
 
 CAPTIONS = ["a red circle above a blue square", "Two green triangles, left of a RED star.", "3 small squares"]
 
@@ -71,7 +71,7 @@ def test_load_tokenizer_reads_clip_folders_and_the_bundled_vocab():
     assert isinstance(from_folder, CLIPTokenizer) and from_folder.pad_token_id == from_folder.eos_token_id
     assert load_tokenizer(clip_tokenizer_dir(), pad_with="!").pad_token_id == 0
     if bundled_bpe_path() is None:
-        pytest.skip("clip-anytorch is not installed")
+        missing_oracle("clip-anytorch is not installed")
     bundled = load_tokenizer(None)
     assert isinstance(bundled, CLIPTokenizer) and bundled.vocab == from_folder.vocab
     assert load_tokenizer(bundled_bpe_path(), pad_with="!").pad_token_id == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from safetensors.torch import load_file
+
+from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.train.data import batch_indices
 from nanodiffusion.train.ema import EMA, ema_decay
 from nanodiffusion.train.loop import TrainConfig, last_checkpoint, train
 from nanodiffusion.train.lr import lr_factor
+from nanodiffusion.train.state import STATE_FILE, TENSORS_FILE
 
 
 class Regression(nn.Module):
@@ -107,10 +112,75 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert logged == list(range(1, 9))  # rows of the killed run after its checkpoint are not repeated
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    opt_a = torch.load(last_checkpoint(tmp_path / "straight") / "optimizer.bin", weights_only=False)
-    opt_b = torch.load(last_checkpoint(tmp_path / "resumed") / "optimizer.bin", weights_only=False)
-    for key, state in opt_a["state"].items():
-        torch.testing.assert_close(state["exp_avg_sq"], opt_b["state"][key]["exp_avg_sq"], rtol=0, atol=0)
+    opt_a, opt_b = (load_file(last_checkpoint(tmp_path / name) / TENSORS_FILE) for name in ("straight", "resumed"))
+    second_moments = [key for key in opt_a if key.endswith(".exp_avg_sq")]
+    assert second_moments and all(key.startswith(".optimizer.") for key in second_moments)
+    for key in second_moments:
+        torch.testing.assert_close(opt_a[key], opt_b[key], rtol=0, atol=0)
+
+
+class RunsCode:
+    """A pickle that creates `marker` when unpickled (what a crafted run folder would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_never_unpickles_a_tampered_run_folder(tmp_path):
+    run(tmp_path / "run", steps=3)
+    checkpoint = last_checkpoint(tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"):
+        torch.save(RunsCode(marker), checkpoint / name)
+    resumed = run(tmp_path / "run", steps=4)  # resumes from its safetensors + JSON, ignoring the pickles
+    assert not marker.exists()
+    assert last_checkpoint(tmp_path / "run").name == "step-0000004"
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+
+    legacy = tmp_path / "legacy" / "checkpoints" / "step-0000003"  # an accelerate-style folder: pickles only
+    legacy.mkdir(parents=True)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):
+        torch.save(RunsCode(marker), legacy / name)
+    with pytest.raises(NanoDiffusionError, match="pickle files .* can run code and are not read"):
+        run(tmp_path / "legacy", steps=4)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["json", "tensors", "structure", "model"])
+def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path, damage):
+    run(tmp_path, steps=3)
+    checkpoint = last_checkpoint(tmp_path)
+    if damage == "json":
+        (checkpoint / STATE_FILE).write_text('{"optimizer": ')
+    elif damage == "tensors":
+        (checkpoint / TENSORS_FILE).write_bytes((checkpoint / TENSORS_FILE).read_bytes()[:100])
+    elif damage == "structure":
+        (checkpoint / STATE_FILE).write_text(json.dumps({"optimizer": {"$tensor": "nope"}, "ema": [], "progress": 1}))
+    else:
+        (checkpoint / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(NanoDiffusionError, match="cannot resume from .*step-0000003") as error:
+        run(tmp_path, steps=4)
+    assert "\n" not in str(error.value)
+
+
+def test_an_unreadable_rng_state_is_a_warning_and_the_run_goes_on(tmp_path):
+    run(tmp_path, steps=3)
+    (last_checkpoint(tmp_path) / "rng-0.json").write_text("not json")
+    with pytest.warns(UserWarning, match="could not restore the random state"):
+        run(tmp_path, steps=4)
+    assert last_checkpoint(tmp_path).name == "step-0000004"
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("checkpoint_every", 0), ("log_every", 0),
+                                          ("grad_accum", 0), ("lr", float("nan")), ("lr", float("inf")),
+                                          ("steps", 0), ("ema_decay", float("nan"))])
+def test_settings_that_break_a_run_are_refused_before_it_starts(tmp_path, field, value):
+    with pytest.raises(NanoDiffusionError, match="is not allowed"):
+        TrainConfig(output=tmp_path, **{field: value})
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_checkpoints_are_pruned_and_temporaries_ignored(tmp_path):

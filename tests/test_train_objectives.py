@@ -24,6 +24,7 @@ TINY_UNET = {
     "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
     "cross_attention_dim": 32, "attention_head_dim": 2,
 }
+TINY_LAYOUT = {"dim": 32, "heads": 2, "slot_layers": 1, "box_layers": 1, "map_channels": 4}
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
@@ -79,16 +80,16 @@ def test_diffusion_training_writes_a_loadable_pipeline(trained_vae, tmp_path):
     cfg = config(tmp_path, "diffusion", steps=12, lr=2e-3)
     cfg.preview_every = 12
     train_diffusion(cfg, trained_vae / "vae", dataset_size=64, unet_config=TINY_UNET, text_config=TINY_TEXT,
-                    preview_steps=2)
+                    layout_config=TINY_LAYOUT, preview_steps=2)
     assert (cfg.output / "previews" / "step-0000012.png").is_file()
     values = losses(cfg.output)
     assert len(values) == 12 and all(v == v for v in values)
     model = cfg.output / "model"
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "layout"):
         assert (model / part).is_dir(), part
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "epsilon"
-    unet, vae, text_encoder, tokenizer = load_pipeline_parts(model)
+    unet, vae, text_encoder, tokenizer, _ = load_pipeline_parts(model)
     assert text_encoder.config.vocab_size == len(tokenizer)
     shipped = ship(model, tmp_path / "shipped")
     from safetensors.torch import load_file

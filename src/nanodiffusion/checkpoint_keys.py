@@ -24,6 +24,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."      # SD 1.x: transformers CLIP names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."        # SD 2.x: OpenCLIP ViT-H/14 text tower
+LAYOUT_PREFIX = "layout_model."                      # the built-in model's layout stage (models/layout.py), ours
 TEXT_MODEL = "text_model."
 
 
@@ -293,6 +294,8 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]
         parts["text_encoder"] = open_clip_to_diffusers(split_prefix(sd, OPEN_CLIP_PREFIX))
     elif has_prefix(sd, CLIP_PREFIX):
         parts["text_encoder"] = text_model_names(split_prefix(sd, CLIP_PREFIX))
+    if has_prefix(sd, LAYOUT_PREFIX):
+        parts["layout"] = split_prefix(sd, LAYOUT_PREFIX)
     return parts
 
 
@@ -305,6 +308,7 @@ def diffusers_to_original(parts: dict[str, dict[str, Tensor]], *, open_clip: boo
     if "vae" in parts:
         vae = vae_table_for(parts["vae"], original=False).convert(parts["vae"], to_original=True, part="VAE")
         sd.update({VAE_PREFIX + k: t for k, t in vae.items()})
+    sd.update({LAYOUT_PREFIX + k: t for k, t in parts.get("layout", {}).items()})
     if "text_encoder" in parts:
         text = text_model_names(parts["text_encoder"])
         if open_clip is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -33,11 +33,12 @@ from .checkpoint_keys import (
     text_model_names,
 )
 from .errors import NanoDiffusionError, choice_error
+from .prediction import choose_prediction
 
-PARTS = ("unet", "vae", "text_encoder")
+PARTS = ("unet", "vae", "text_encoder", "layout")  # layout: the built-in model's layout stage only
 PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "PNDMScheduler"]}
+                "scheduler": ["diffusers", "PNDMScheduler"], "layout": ["nanodiffusion", "LayoutModel"]}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
@@ -169,8 +170,20 @@ def load_checkpoint(path: str | Path, *, prediction: str | None = None, keep_dty
     if prediction is not None:
         set_prediction(ckpt, prediction)
     ckpt.info.update(path=str(path), inpainting=is_inpainting(ckpt.parts["unet"]),
-                     prediction=ckpt.scheduler.get("prediction_type", "epsilon"))
+                     prediction=ckpt.scheduler.get("prediction_type", "epsilon"),
+                     prediction_from="set by --prediction" if prediction is not None else None)
     return ckpt
+
+
+def settle_prediction(ckpt: Checkpoint, unet: torch.nn.Module | None = None) -> None:
+    """Unless it was set, choose the prediction type (an SD 2.x single file: probe its UNet, prediction.py) and
+    record why in ckpt.info["prediction_from"]."""
+    if ckpt.info.get("prediction_from") is not None:
+        return
+    prediction, why = choose_prediction(ckpt, unet)
+    if prediction != ckpt.info["prediction"]:
+        set_prediction(ckpt, prediction)
+    ckpt.info.update(prediction=prediction, prediction_from=why)
 
 
 def set_prediction(ckpt: Checkpoint, prediction: str) -> None:
@@ -201,9 +214,17 @@ def read_metadata(path: Path) -> dict:
     """The configs nanodiffusion stores in a .safetensors header ({} for other files)."""
     if sniff_format(path) != "safetensors":
         return {}
-    with safe_open(path, "pt") as f:
-        text = (f.metadata() or {}).get(METADATA_KEY)
-    return json.loads(text) if text else {}
+    try:
+        with safe_open(path, "pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+        configs = json.loads(text) if text else {}
+    except (SafetensorError, json.JSONDecodeError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise NanoDiffusionError(f"{path}: truncated or corrupt safetensors header ({first}); download or copy it "
+                                 "again") from None
+    if not isinstance(configs, dict):
+        raise NanoDiffusionError(f"{path}: the {METADATA_KEY} entry of its header is not a JSON object")
+    return configs
 
 
 # ---- Configs inferred from tensor shapes (diffusers / transformers config.json keys) ----
@@ -263,10 +284,11 @@ def infer_text_config(sd: dict[str, Tensor], version: str) -> dict:
 
 
 def default_scheduler(prediction: str) -> dict:
-    """The SD training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps."""
+    """The SD training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps, as the published SD 1.5
+    scheduler_config.json gives it (no timestep_spacing: each sampler takes its diffusers scheduler's default)."""
     return {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "prediction_type": prediction, "set_alpha_to_one": False,
-            "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
+            "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 
 
 # ---- Diffusers folders ----
@@ -305,7 +327,7 @@ def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names}
+NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names, "layout": dict}
 
 
 def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
@@ -402,21 +424,34 @@ def model_hash(path: str | Path) -> str:
 
 
 def describe(path: str | Path) -> dict:
-    """What a checkpoint holds, for `nanodiff info`: format, version, inpainting, parameters, dtype, hash."""
+    """What a checkpoint holds, for `nanodiff info`: format, version, inpainting, prediction type and why,
+    parameters, dtype, hash."""
     ckpt = load_checkpoint(path, keep_dtype=True)
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for sd in ckpt.parts.values() for t in sd.values())
+    settle_prediction(ckpt)
     return {**ckpt.info, "parameters": {name: sum(t.numel() for t in sd.values()) for name, sd in ckpt.parts.items()},
             "dtype": dtypes.most_common(1)[0][0], "hash": model_hash(path)}
 
 
 def convert(source: str | Path, destination: str | Path, *, prediction: str | None = None,
             tokenizer: str | Path | None = None) -> None:
-    """Convert a checkpoint: to a diffusers folder, or (destination ending in .safetensors) to one original file."""
+    """Convert a checkpoint: to a diffusers folder, or (destination ending in .safetensors) to one original file.
+    The output is written next to the destination and renamed into place when complete; it may not be the input."""
+    from .files import atomic_output, same_location
+
+    destination = Path(destination)
+    if same_location(Path(source), destination):
+        raise NanoDiffusionError(f"the output {destination} is the input {source}: converting in place would "
+                                 "overwrite it; pass another output path")
     ckpt = load_checkpoint(source, prediction=prediction)
+    settle_prediction(ckpt)
     if tokenizer is not None:
         ckpt.tokenizer_dir = Path(tokenizer)
-    destination = Path(destination)
-    if destination.suffix in PICKLE_SUFFIXES + (".safetensors",):
-        save_single_file(ckpt, destination)
-    else:
-        save_diffusers(ckpt, destination)
+    single = destination.suffix in PICKLE_SUFFIXES + (".safetensors",)
+    if single and destination.suffix != ".safetensors":
+        raise NanoDiffusionError(f"{destination}: single files are written as .safetensors only; use that extension")
+    with atomic_output(destination) as tmp:
+        if single:
+            save_single_file(ckpt, tmp)
+        else:
+            save_diffusers(ckpt, tmp)

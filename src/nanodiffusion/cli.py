@@ -6,9 +6,12 @@ Each subcommand imports what it needs when it runs, so `nanodiff generate` start
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from .errors import NanoDiffusionError
 
@@ -16,18 +19,29 @@ from .errors import NanoDiffusionError
 def _generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpaint from the command line; writes PNGs with their parameters."""
     from .images import image_grid, load_image, save_png
-    from .lora_files import parse_lora_arg
+    from .lora_files import check_lora_weight, parse_lora_arg
     from .pipeline import Pipeline
 
+    if (args.prompt is None) == (args.prompts is None):
+        raise NanoDiffusionError("give either a prompt or --prompts FILE")
+    loras = [parse_lora_arg(text) for text in args.lora]
+    for file, weight in loras:
+        check_lora_weight(weight, file)
+    paths = output_paths(args.output, 1 if args.grid else args.batch)
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
-                         weights_dtype=args.weights_dtype)
+                         weights_dtype=args.weights_dtype, precision=args.precision)
     pipe.fast = fast_options(args)
-    pipe.loras = [parse_lora_arg(text) for text in args.lora]
+    pipe.loras = loras
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     if args.controlnet:
         from .controlnet_files import load_controlnet
 
         pipe.controlnet = load_controlnet(Path(args.controlnet))
+    if args.prompts:
+        from .batch import run_batch
+
+        run_batch(pipe, args)
+        return
     images = pipe(
         args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
         cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch,
@@ -38,17 +52,38 @@ def _generate(args: argparse.Namespace) -> None:
         callback=preview_writer(pipe, Path(args.preview)) if args.preview else None,
         progress=True,
     )
-    out = Path(args.output)
     if args.grid and len(images) > 1:
         grid = image_grid(images)
         grid.info["parameters"] = images[0].info["parameters"]
-        save_png(grid, out)
-        print(out)
-        return
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
+        images = [grid]
+    for image, path in zip(images, paths):
         save_png(image, path)
         print(path)
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """The PNG files -o names (a batch: NAME-00.png, ...), checked writable before any work: not empty, not a
+    folder, in a folder that exists or can be made and takes a new file."""
+    if not output.strip():
+        raise NanoDiffusionError("-o is empty: pass a file name such as out.png")
+    out = Path(output)
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}") for i in range(count)]
+    for path in paths:
+        if path.is_dir():
+            raise NanoDiffusionError(f"-o {path} is a folder: pass a file name such as {path / 'out.png'}")
+    check_writable_folder(out.parent, f"-o {out}")
+    return paths
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Make `folder` if needed and write (then remove) a probe file in it; a clear error if either fails."""
+    probe = folder / f".nanodiff-probe-{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as error:
+        raise NanoDiffusionError(f"cannot write {what}: {error.strerror or error} ({folder})") from None
 
 
 def fast_options(args: argparse.Namespace):
@@ -110,11 +145,65 @@ def _finetune(args: argparse.Namespace, rest: list[str]) -> None:
     finetune_main([args.kind, *rest])
 
 
+def _stream(args: argparse.Namespace, rest: list[str]) -> None:
+    """Real-time img2img over a video or an image folder (stream.py)."""
+    from .stream import main as stream_main
+
+    stream_main(rest)
+
+
 def _serve(args: argparse.Namespace) -> None:
-    """Start the web UI and HTTP API."""
+    """Start the web UI and HTTP API (the outputs folder and the port are checked before the model loads)."""
     from .server.app import serve
 
+    check_writable_folder(Path(args.outputs), f"--outputs {args.outputs}")
+    check_port_free("0.0.0.0" if args.listen else args.host, args.port)
     serve(args)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind (and release) host:port the way the server will, so a port in use fails before the banner."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing socket is no conflict
+            sock.bind(address)
+    except OSError as error:
+        raise NanoDiffusionError(f"cannot listen on {host}:{port}: {error.strerror or error} (another server on "
+                                 "that port? pass --port N)") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: use a finite number")
+    return value
+
+
+def bounded_int(low: int, high: int, hint: str) -> Callable[[str], int]:
+    """argparse type: an integer from low to high."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {hint}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+SEED = bounded_int(-1, 2**63 - 1, "use -1 (random) or 0 to 2**63-1")
+PORT = bounded_int(1, 65535, "use a port from 1 to 65535")
+
+
+def _learn(args: argparse.Namespace) -> None:
+    """List the lessons, or run one (see docs/learn/)."""
+    from . import learn
+
+    print(learn.run_lesson(args.lesson, args.output) if args.lesson else learn.listing())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("--prompts", default=None, metavar="FILE",
+                     help="batch: one prompt (or JSON object of settings) per line; works under accelerate launch")
+    gen.add_argument("--outdir", default="outputs", help="batch: folder for the images (re-runs skip done ones)")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (batch: NAME-00.png, ...)")
     gen.add_argument("--model", default=None, help="diffusers folder or .safetensors/.ckpt file "
                      "(default: the built-in model)")
@@ -132,38 +224,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="euler_a")
     gen.add_argument("--schedule", default="default", help="sigma spacing: default, karras, exponential")
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--cfg", type=finite_float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=SEED, default=None, help="-1 or none: random")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--batch", type=int, default=1)
     gen.add_argument("--grid", action="store_true", help="write the batch as one grid image")
     gen.add_argument("--init", default=None, help="init image for img2img")
-    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--strength", type=finite_float, default=0.75)
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
     gen.add_argument("--clip-skip", type=int, default=1)
-    gen.add_argument("--eta", type=float, default=None,
+    gen.add_argument("--eta", type=finite_float, default=None,
                      help="noise of stochastic samplers: 0 deterministic, 1 ancestral / SDE (their default)")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="apply a LoRA (kohya or diffusers/PEFT file); repeatable")
     gen.add_argument("--lora-dir", default=None, help="folder that <lora:NAME:W> prompt tags resolve in")
     gen.add_argument("--controlnet", default=None, help="ControlNet (diffusers folder or original single file)")
     gen.add_argument("--control-image", default=None, help="the ControlNet's conditioning image")
-    gen.add_argument("--control-scale", type=float, default=1.0)
+    gen.add_argument("--control-scale", type=finite_float, default=1.0)
     gen.add_argument("--prediction", default=None, choices=["epsilon", "v_prediction"],
                      help="override the checkpoint's prediction type (SD 2.x 768 models: v_prediction)")
     fast = gen.add_argument_group("approximate fast paths (off by default; docs/fast.md has their cost)")
     fast.add_argument("--fast", action="store_true", help="the measured preset (the flags below override it)")
     fast.add_argument("--deepcache", type=int, default=None, metavar="N",
                       help="DeepCache: the whole UNet every N-th call, its top level alone in between")
-    fast.add_argument("--tome", type=float, default=None, metavar="R",
+    fast.add_argument("--tome", type=finite_float, default=None, metavar="R",
                       help="token merging: merge this share of the top-level tokens before self-attention")
-    fast.add_argument("--cfg-cutoff", type=float, default=None, metavar="F",
+    fast.add_argument("--cfg-cutoff", type=finite_float, default=None, metavar="F",
                       help="guidance on the first F of the steps only (the rest skip the unconditional pass)")
     fast.add_argument("--preview", default=None, metavar="PNG",
                       help="write a cheap preview of every step's x0 estimate here (no VAE run)")
     gen.add_argument("--weights-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="store the conv / linear weights in this dtype (compute stays float32; half the memory)")
+    add_precision(gen)
     gen.set_defaults(run=_generate)
 
     info = sub.add_parser("info", help="describe a checkpoint file or folder")
@@ -183,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="heldout", choices=["heldout", "train"])
     ev.add_argument("--model", default=None)
     ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--cfg", type=float, default=None)
+    ev.add_argument("--cfg", type=finite_float, default=None)
     ev.add_argument("--sampler", default="euler_a")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--markdown", default=None, help="also write the table to this file")
+    add_precision(ev)
     ev.set_defaults(run=_eval)
 
     train = sub.add_parser("train", add_help=False,
@@ -199,17 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("kind", help="lora or dreambooth (then its own flags; --help lists them)")
     finetune.set_defaults(run=_finetune)
 
+    learn = sub.add_parser("learn", help="the learning path: list the lessons, or run one (trains on the CPU)")
+    learn.add_argument("lesson", nargs="?", default=None)
+    learn.add_argument("-o", "--output", default="learn", help="folder for the lesson's page and pictures")
+    learn.set_defaults(run=_learn)
+
     serve = sub.add_parser("serve", help="web UI + /sdapi/v1 HTTP API")
     serve.add_argument("--model", default=None)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--port", type=PORT, default=7860)
     serve.add_argument("--listen", action="store_true", help="listen on 0.0.0.0")
     serve.add_argument("--api-auth", default=None, metavar="USER:PASS")
     serve.add_argument("--outputs", default="outputs")
     serve.add_argument("--lora-dir", default=None, help="folder that <lora:NAME:W> prompt tags resolve in")
     serve.add_argument("--controlnet", default=None, help="ControlNet to load (diffusers folder or single file)")
+    add_precision(serve)
     serve.set_defaults(run=_serve)
+    stream = sub.add_parser("stream", add_help=False,
+                            help="real-time img2img of a video or an image folder (its own flags; --help lists them)")
+    stream.set_defaults(run=_stream)
     return parser
+
+
+def add_precision(command: argparse.ArgumentParser) -> None:
+    """--precision: the UNet / VAE compute precision (precision.py)."""
+    command.add_argument("--precision", default=None, choices=["float32", "bfloat16"],
+                         help="compute precision (default: bfloat16 for SD-size models on CPUs with AVX512-BF16 "
+                         "or AMX, else float32; float32 is the path proven identical to diffusers)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "finetune"):
+        if args.command in ("train", "finetune", "stream"):
             args.run(args, rest)
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

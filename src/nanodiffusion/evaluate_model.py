@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from .batch import BatchJob, generate_jobs
 from .data.shapes import sample_prompts
+from .errors import NanoDiffusionError
 from .evaluate import evaluate_folder, format_table
-from .images import save_png
 
 
 def generate_prompt_images(pipe, folder: Path, n: int, split: str, seed: int, steps: int,
                            cfg: float | None, sampler: str) -> None:
-    """One image per prompt (seed + i), saved as PNG with its parameters (the prompt is the first line)."""
-    for i, (_, text) in enumerate(tqdm(sample_prompts(n, seed=seed, split=split), desc="generating")):
-        image = pipe(text, steps=steps, cfg=cfg, seed=seed + i, sampler=sampler)[0]
-        save_png(image, folder / f"{i:04d}.png")
+    """One image per prompt (seed + i), saved as PNG with its parameters (the prompt is the first line), through
+    the batch path (batch.py): split across `accelerate launch` processes, images already there are kept."""
+    jobs = [BatchJob(i, text, f"{i:04d}.png", {"steps": steps, "cfg": cfg, "seed": seed + i, "sampler": sampler})
+            for i, (_, text) in enumerate(sample_prompts(n, seed=seed, split=split))]
+    summary = generate_jobs(pipe, jobs, folder)
+    if summary.failed:
+        raise NanoDiffusionError(f"{len(summary.failed)} of {n} images failed: {summary.failed[0]}")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -26,9 +28,13 @@ def run_eval(args: argparse.Namespace) -> dict:
     if args.generate:
         from .pipeline import Pipeline
 
-        pipe = Pipeline.load(args.model)
+        pipe = Pipeline.load(args.model, precision=getattr(args, "precision", None))
         generate_prompt_images(pipe, folder, args.generate, args.split, args.seed, args.steps, args.cfg,
                                args.sampler)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return {}
     results = evaluate_folder(folder)
     table = format_table(results)
     print(table)

@@ -67,6 +67,9 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

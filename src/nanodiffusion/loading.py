@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash
+from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash, read_json, settle_prediction
 from .errors import NanoDiffusionError
 from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.layout import LayoutConfig, LayoutModel
 from .models.tokenizers import load_tokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
+from .precision import compute_in, precision_dtype
 from .schedules import NoiseSchedule
 from .storage import store_weights
 from .storage import weights_dtype as parse_weights_dtype
@@ -23,18 +24,22 @@ BUILTIN = Path(__file__).parent / "weights" / "builtin"
 # Networks with more parameters are built on the meta device; smaller ones initialise faster than the meta
 # device's one-off set-up (~1.7 s of imports), which would dominate the built-in model's start-up.
 META_BUILD_MIN = 50_000_000
+SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cfg": (int, float)}
 
 
 def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
-                 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    """Instantiate the three networks from their configs and load their weights (strict), with the conv / linear
-    weights stored in `dtype` (storage.py). Big networks are built on the meta device (no random init) and take
+                 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, LayoutModel | None]:
+    """Instantiate the networks (the layout model where the checkpoint has one) from their configs and load their
+    weights (strict), with the conv / linear weights stored in `dtype` (storage.py). Big networks are built on the meta device (no random init) and take
     the checkpoint's tensors as their parameters, which leave `ckpt`; store_weights then copies them into memory
     in their storage dtype one by one, so loading never holds a second copy of the weights."""
     networks = {"unet": (UNetConfig, UNet2DConditionModel), "vae": (VAEConfig, AutoencoderKL),
-                "text_encoder": (CLIPTextConfig, CLIPTextModel)}
+                "text_encoder": (CLIPTextConfig, CLIPTextModel), "layout": (LayoutConfig, LayoutModel)}
     models = []
     for part, (config_cls, model_cls) in networks.items():
+        if part not in ckpt.parts:
+            models.append(None)
+            continue
         big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
         with torch.device("meta") if big else nullcontext():
             model = model_cls(config_cls.from_dict(ckpt.configs[part]))
@@ -51,13 +56,22 @@ def nanodiffusion_settings(folder: Path) -> dict:
     index = folder / "model_index.json"
     if not index.is_file():
         return {}
-    return json.loads(index.read_text(encoding="utf-8")).get("_nanodiffusion", {})
+    data = read_json(index)
+    settings = data.get("_nanodiffusion", {}) if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or any(
+            key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], kind))
+            for key, kind in SETTING_TYPES.items()):
+        raise NanoDiffusionError(f"{index}: not a model index with a \"_nanodiffusion\" object of name (text), "
+                                 "default_size and clip_skip (integers), default_cfg (a number)")
+    return settings
 
 
 def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
-                  prediction: str | None = None, weights_dtype: str | torch.dtype | None = None):
+                  prediction: str | None = None, weights_dtype: str | torch.dtype | None = None,
+                  precision: str | None = None):
     """Read a checkpoint, build its networks, tokenizer and noise schedule into `cls` (a Pipeline); the conv /
-    linear weights are stored in `weights_dtype` (None: float32; see storage.py)."""
+    linear weights are stored in `weights_dtype` (None: float32; see storage.py), or converted once to the
+    compute `precision` when that is bfloat16 (precision.py)."""
     dtype = parse_weights_dtype(weights_dtype)
     source = BUILTIN if path is None else Path(path)
     if path is None and not (BUILTIN / "model_index.json").is_file():
@@ -66,9 +80,23 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     if not source.exists():
         raise NanoDiffusionError(f"model {source} does not exist: pass a diffusers folder or a "
                                  ".safetensors / .ckpt file")
-    ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=dtype != torch.float32)
-    unet, vae, text_encoder = build_models(ckpt, dtype)
+    try:
+        ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=True)
+        compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts["unet"].values()))
+        unet, vae, text_encoder, layout = build_models(ckpt, compute if compute != torch.float32 else dtype)
+        settle_prediction(ckpt, unet)
+        schedule = NoiseSchedule.from_config(ckpt.scheduler)
+    except (TypeError, AttributeError, KeyError, IndexError) as error:  # a config value of the wrong type or shape
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise NanoDiffusionError(f"{source}: a config file holds a value of the wrong type ({detail}); fix it or "
+                                 "convert the model again") from None
+    compute_in(unet, compute, keep=("time_embedding",), keep_args=(1,))
+    compute_in(vae.decoder, compute)
+    compute_in(vae.encoder, compute)
     version = ckpt.info.get("version")
+    if ckpt.info.get("inferred") and version == "v2" and prediction is None:
+        warnings.warn(f"{source.name}: prediction type {ckpt.info['prediction']} ({ckpt.info['prediction_from']})"
+                      "; --prediction overrides it", stacklevel=3)
     pad = "!" if version == "v2" and tokenizer is None and ckpt.tokenizer_dir is None else None
     tok = load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad)
     tok.model_max_length = min(tok.model_max_length, text_encoder.config.max_position_embeddings)
@@ -76,12 +104,12 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad():
         return cls(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-            schedule=NoiseSchedule.from_config(ckpt.scheduler),
-            prediction=prediction or ckpt.scheduler.get("prediction_type", "epsilon"),
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok, layout=layout,
+            schedule=schedule,
+            prediction=ckpt.info["prediction"],
             name=settings.get("name", source.stem if source.is_file() else source.name),
             model_hash=model_hash(source),
-            default_size=settings.get("default_size", unet.config.sample_size * vae_scale),
+            default_size=settings.get("default_size", ckpt.configs["unet"].get("sample_size", 64) * vae_scale),
             default_cfg=settings.get("default_cfg", 7.0),
-            clip_skip=settings.get("clip_skip", 1),
+            clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."),
         )

@@ -15,6 +15,7 @@ Either way a file becomes a models.lora.LoRANetwork, and we save in the kohya la
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -42,7 +43,8 @@ PROCESSOR_LAYERS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to
 PEFT_METADATA = "lora_adapter_metadata"
 BASES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}   # text / cross-attention widths
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
-TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+TAG_OPEN = "<lora:"
+MAX_WEIGHT = 10.0   # |weight| of a LoRA: far beyond what any LoRA is used with, far from overflowing float32
 
 
 @dataclass
@@ -215,8 +217,11 @@ def base_hint(have: tuple[int, ...], want: tuple[int, ...]) -> str:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors header's metadata strings (kohya's ss_* training metadata, PEFT's adapter config)."""
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise NanoDiffusionError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 # ---- Writing (kohya layout) ----
@@ -248,16 +253,66 @@ def training_metadata(network: LoRANetwork, base_model_version: str, extra: Mapp
 # ---- Prompt syntax ----
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Take out the web UI's `<lora:NAME>` / `<lora:NAME:WEIGHT>` tags: (prompt without them, [(name, weight)])."""
-    tags = []
-    for match in TAG.finditer(prompt):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            tags.append((name, float(weight)))
-        except ValueError:
-            raise NanoDiffusionError(f"bad LoRA weight {weight!r} in {match.group(0)!r}: write <lora:{name}:0.8>"
-                                     ) from None
-    return re.sub(r"\s{2,}", " ", TAG.sub("", prompt)).strip(), tags
+    """Take out the web UI's `<lora:NAME>` / `<lora:NAME:WEIGHT>` tags: (prompt without them, [(name, weight)]).
+
+    A tag runs from `<lora:` to the next `>`; further `:fields` are ignored, and `<lora:` with no name is plain
+    text. One forward scan with str.find (each `>` is looked for once), so any prompt is read in linear time.
+    """
+    pieces, tags = [], []
+    kept = 0            # prompt[kept:] is not yet copied to pieces
+    close = -1          # the first ">" at or after the current tag start (-1: not looked for yet)
+    start = prompt.find(TAG_OPEN)
+    while start != -1:
+        if close < start:
+            close = prompt.find(">", start)
+            if close == -1:
+                break
+        name, _, rest = prompt[start + len(TAG_OPEN):close].partition(":")
+        if not name:
+            start = prompt.find(TAG_OPEN, start + 1)
+            continue
+        tag = prompt[start:close + 1]
+        weight, _, _ = rest.partition(":")
+        if not name.strip():
+            raise NanoDiffusionError(f"LoRA tag {shorten(tag)} names no LoRA: write <lora:NAME:0.8>")
+        tags.append((name.strip(), lora_weight(weight.strip() or "1", tag)))
+        pieces.append(prompt[kept:start])
+        kept = close + 1
+        start = prompt.find(TAG_OPEN, kept)
+    pieces.append(prompt[kept:])
+    return re.sub(r"\s{2,}", " ", "".join(pieces)).strip(), tags
+
+
+def lora_weight(text: str, where: str) -> float:
+    """A LoRA weight from text (a prompt tag or --lora FILE:W), refusing what is not a finite, sane number."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise NanoDiffusionError(f"bad LoRA weight {shorten(text)} in {shorten(where)}: write <lora:NAME:0.8>"
+                                 ) from None
+    check_lora_weight(weight, where)
+    return weight
+
+
+def check_lora_weight(weight: float, where: str | Path) -> None:
+    """LoRA weights must be finite and within +-MAX_WEIGHT (a huge weight overflows the model to NaN)."""
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+        raise NanoDiffusionError(f"LoRA weight {weight!r} for {shorten(str(where))} is not allowed: use a number "
+                                 f"from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """repr of text cut to limit characters, for error messages that quote user input."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def resolve_lora_tags(prompt: str, folder: str | Path | None) -> tuple[str, list[tuple[Path, float]]]:
+    """Strip `<lora:NAME:W>` tags from a prompt and find each NAME in the LoRA folder: (text, [(file, weight)])."""
+    text, tags = extract_lora_tags(prompt)
+    if tags and folder is None:
+        raise NanoDiffusionError("the prompt names LoRAs (<lora:...>) but no LoRA folder is set: "
+                                 "pass --lora-dir FOLDER")
+    return text, [(find_lora(name, folder), weight) for name, weight in tags]
 
 
 def find_lora(name: str, folder: str | Path) -> Path:

@@ -29,9 +29,10 @@ from .fast import FastOptions, fast_paths
 from .fast.preview import LatentPreview
 from .guidance import cfg_denoiser
 from .images import mask_to_tensor, to_pil, to_tensor
-from .lora_files import extract_lora_tags, find_lora, load_lora
+from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
 from .models.controlnet import controlnet_unet
-from .prompts import encode_prompts, format_parameters, prompt_warnings
+from .models.layout import layout_noise
+from .prompts import check_prompt, encode_prompts, format_parameters, prompt_warnings
 from .samplers import check_eta, get_sampler
 from .schedules import NoiseSchedule
 
@@ -62,18 +63,23 @@ class Pipeline:
     clip_skip: int = 1
     loras: list[tuple[Path, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None
+    layout: torch.nn.Module | None = None    # the built-in model's layout stage (models/layout.py), None for SD
     lora_dir: Path | None = None
     fast: FastOptions = field(default_factory=FastOptions)   # approximate fast paths (fast/), all off by default
     previewer: LatentPreview | None = field(default=None, repr=False)
+    precision: str = "float32"   # the UNet / VAE compute precision (precision.py)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
-             prediction: str | None = None, weights_dtype: str | torch.dtype | None = None) -> "Pipeline":
+             prediction: str | None = None, weights_dtype: str | torch.dtype | None = None,
+             precision: str | None = None) -> "Pipeline":
         """Load the built-in model (path None), a diffusers folder, or an original single file; weights_dtype
-        "bfloat16" / "float16" stores the conv / linear weights in half precision (compute stays float32)."""
+        "bfloat16" / "float16" stores the conv / linear weights in half precision (compute stays float32);
+        precision "bfloat16" / "float32" is the compute precision (None: this CPU's default, precision.py)."""
         from .loading import load_pipeline
 
-        return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction, weights_dtype=weights_dtype)
+        return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction, weights_dtype=weights_dtype,
+                             precision=precision)
 
     @property
     def vae_scale(self) -> int:
@@ -103,6 +109,8 @@ class Pipeline:
     def lora_applied(self, loras: list[tuple[Path, float]]):
         """Apply LoRAs at run time (unmerged, each with its weight) for the duration of a generation."""
         models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        for path, weight in loras:
+            check_lora_weight(weight, path.name)
         networks = [load_lora(path, models).apply_unmerged(weight) for path, weight in loras]
         try:
             yield
@@ -112,11 +120,7 @@ class Pipeline:
 
     def prompt_loras(self, prompt: str) -> tuple[str, list[tuple[Path, float]]]:
         """Strip `<lora:NAME:W>` tags from a prompt and resolve them in the LoRA folder."""
-        text, tags = extract_lora_tags(prompt)
-        if tags and self.lora_dir is None:
-            raise NanoDiffusionError("the prompt names LoRAs (<lora:...>) but no LoRA folder is set: "
-                                     "pass --lora-dir FOLDER")
-        return text, [(find_lora(name, self.lora_dir), weight) for name, weight in tags]
+        return resolve_lora_tags(prompt, self.lora_dir)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -161,10 +165,11 @@ class Pipeline:
         control_scale: float = 1.0,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = False,
+        step_callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> list[Image.Image]:
         """Generate `batch` images (seeds seed, seed+1, ...); each carries its PNG parameters text."""
-        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-            raise NanoDiffusionError("prompt and negative prompt must be text")
+        check_prompt(prompt, "prompt")
+        check_prompt(negative_prompt, "negative prompt")
         text, tagged = self.prompt_loras(prompt)
         for message in prompt_warnings(self.tokenizer, text):
             warnings.warn(message, PromptWarning, stacklevel=2)
@@ -175,18 +180,22 @@ class Pipeline:
                 text, negative_prompt, steps=steps, sampler=sampler, schedule=schedule, cfg=cfg, seed=seed,
                 width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
                 eta=eta, clip_skip=clip_skip, control_image=control_image, control_scale=control_scale,
-                callback=callback, progress=progress, shown_prompt=prompt)
+                callback=callback, progress=progress, shown_prompt=prompt, step_callback=step_callback)
 
     def generate(self, prompt: str, negative_prompt: str, *, steps: int, sampler: str, schedule: str,
                  cfg: float | None, seed: int | None, width: int | None, height: int | None, batch: int,
                  init_image: Image.Image | None, strength: float, mask: Image.Image | None, eta: float | None,
                  clip_skip: int | None, control_image: Image.Image | None, control_scale: float,
                  callback: Callable[[int, int, torch.Tensor], None] | None,
-                 progress: bool, shown_prompt: str) -> list[Image.Image]:
+                 progress: bool, shown_prompt: str,
+                 step_callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+                 ) -> list[Image.Image]:
         """The sampling loop of __call__, with LoRAs already applied and tags removed from the prompt."""
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         cfg = self.default_cfg if cfg is None else cfg
+        if not math.isfinite(cfg):
+            raise NanoDiffusionError(f"cfg {cfg} is not allowed: use a finite number such as 7")
         clip_skip = clip_skip or self.clip_skip
         self.check_size(width, height)
         if not 1 <= batch <= MAX_BATCH:
@@ -210,10 +219,17 @@ class Pipeline:
             check_eta(eta)
         options = {"eta": eta} if eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
 
-        sigmas = info.sigmas(self.schedule, steps, schedule)
+        noise_schedule = info.schedule(self.schedule)   # keys the config lacks: this sampler's diffusers defaults
+        sigmas = info.sigmas(noise_schedule, steps, schedule)
         cond, uncond = self.encode_text([prompt] * batch, [negative_prompt] * batch, clip_skip)
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         net = self.unet_function(control_image, control_scale, width, height)
+        cond, uncond = {"context": cond}, {"context": uncond}
+        if self.layout is not None:
+            net = with_layout_channels(net)
+            cond["layout"] = self.layout(cond["context"], layout_noise(generators, self.layout.config.slots),
+                                         *shape[-2:])
+            uncond["layout"] = torch.zeros_like(cond["layout"])
         known = None
         if init_image is not None:
             image = to_tensor(init_image, (width, height)).expand(batch, -1, -1, -1)
@@ -226,30 +242,37 @@ class Pipeline:
                 known = self.encode_image(image, generators)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
         if known is None or (mask is not None and start == 0):
-            x = noise * info.initial_noise_scale(sigmas, self.schedule.timestep_spacing)
+            x = noise * info.initial_noise_scale(sigmas, noise_schedule)
         else:
             x = known + noise * sigmas[0]
 
-        denoiser = Denoiser(net, self.schedule, self.prediction, info.multistep)
+        denoiser = Denoiser(net, noise_schedule, self.prediction, info.multistep)
         if mask is not None:
             pixel_mask = mask_to_tensor(mask, (width, height))
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=shape[-2:])
             if self.is_inpainting_model:
                 masked = self.encode_image(image * (pixel_mask < 0.5), generators)
                 net = self.inpainting_function(latent_mask.expand(batch, -1, -1, -1), masked)
-                denoiser = Denoiser(net, self.schedule, self.prediction, info.multistep)
+                denoiser = Denoiser(net, noise_schedule, self.prediction, info.multistep)
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
-        guided = cfg_denoiser(denoiser, {"context": cond}, {"context": uncond}, cfg,
+        guided = cfg_denoiser(denoiser, cond, uncond, cfg,
                               self.fast.guidance_min_sigma(sigmas))
 
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
 
         def on_step(i: int, sigma: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update(1)
+            if not torch.isfinite(x).all():
+                raise NanoDiffusionError(f"sampling diverged at step {i + 1} of {len(sigmas) - 1} (NaN or inf in the "
+                                         f"latents); likely cause: {self.divergence_cause(cfg, shown_prompt)}")
+            if step_callback is not None:   # (step, sigma, x entering the step, its guided x0 estimate)
+                step_callback(i, float(sigma), entering[0], denoised)
+            entering[0] = x
             if callback is not None:
                 callback(i + 1, len(sigmas) - 1, denoised)
 
+        entering = [x]
         with torch.no_grad():
             x = info.fn(guided, x, sigmas, generator=generators, callback=on_step, **options)
         bar.close()
@@ -263,6 +286,16 @@ class Pipeline:
                 cfg=cfg, seed=seed + i, width=width, height=height, clip_skip=clip_skip,
                 strength=strength if init_image is not None else None)
         return images
+
+    def divergence_cause(self, cfg: float, shown_prompt: str) -> str:
+        """The most likely reason sampling produced NaN / inf, for the error message."""
+        if any(not torch.isfinite(p).all() for p in self.unet.parameters()):
+            return "the model's weights hold NaN or inf values: the checkpoint is corrupt"
+        if cfg > 15:
+            return f"cfg {cfg:g} is too high: try 5 to 9"
+        if self.loras or TAG_OPEN in shown_prompt:
+            return "a LoRA weight too large or a LoRA for another model: lower its weight"
+        return "an emphasis weight too large, or half-precision weights that overflow: try --weights-dtype float32"
 
     def parameters_text(self, prompt: str, negative: str, *, steps: int, sampler: str, schedule: str,
                         cfg: float, seed: int, width: int, height: int, clip_skip: int,
@@ -301,6 +334,15 @@ class Pipeline:
             return unet(torch.cat([x, extra], dim=1), t, context)
 
         return net
+
+
+def with_layout_channels(net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A layout-conditioned UNet sees [latents, slot map] as its input channels (models/layout.py)."""
+
+    def layered(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        return net(torch.cat([x, layout.repeat(x.shape[0] // layout.shape[0], 1, 1, 1)], dim=1), t, context)
+
+    return layered
 
 
 class PromptWarning(UserWarning):

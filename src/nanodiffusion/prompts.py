@@ -16,6 +16,7 @@ import torch
 from .errors import NanoDiffusionError
 
 EMPHASIS = 1.1
+MAX_EMPHASIS = 100.0   # |weight| of a run after nesting: beyond it text embeddings overflow float32
 MAX_PROMPT_CHARS = 20_000
 
 _TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
@@ -30,50 +31,90 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
-def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs following the (word:1.3) / (word) / [word] syntax."""
-    runs: list[list] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
+def check_prompt(text: str, what: str = "prompt") -> None:
+    """A prompt must be text, at most MAX_PROMPT_CHARS long, and encodable as UTF-8 (no unpaired surrogates)."""
+    if not isinstance(text, str):
+        raise NanoDiffusionError(f"{what} must be text, not {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise NanoDiffusionError(f"{what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}: shorten it")
+    check_text(text, what)
 
-    def scale(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
+
+def check_text(text: str, what: str) -> None:
+    """Text must encode as UTF-8: a lone surrogate ("\\ud800" in JSON, undecodable bytes in argv) cannot."""
+    if text.isascii():   # O(1) in CPython: the common case, even for a 32 MB base64 image
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise NanoDiffusionError(f"{what} holds an unpaired surrogate ({text[error.start]!a}) at character "
+                                 f"{error.start}: send valid UTF-8 text") from None
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs following the (word:1.3) / (word) / [word] syntax.
+
+    Linear time: each bracket is a node whose factor is known when it closes (or at the end, when it never
+    does); a run remembers the innermost open ( and [ nodes, and its weight is the product of factors up both
+    chains, each chain's products computed once per node. Round and square brackets nest independently.
+    """
+    parent, factor = [-1], [1.0]          # node 0: the root, outside any bracket
+    runs: list[tuple[str, int, int]] = []  # (text, innermost round node, innermost square node)
+    open_nodes: dict[str, list[int]] = {"(": [0], "[": [0]}
+
+    def push(kind: str) -> None:
+        parent.append(open_nodes[kind][-1])
+        factor.append(EMPHASIS if kind == "(" else 1 / EMPHASIS)   # unless closed with an explicit weight
+        open_nodes[kind].append(len(parent) - 1)
 
     for match in _TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            runs.append([token[1:] or token, 1.0])
-        elif token == "(":
-            round_open.append(len(runs))
-        elif token == "[":
-            square_open.append(len(runs))
-        elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
-        elif token == ")" and round_open:
-            scale(round_open.pop(), EMPHASIS)
-        elif token == "]" and square_open:
-            scale(square_open.pop(), 1 / EMPHASIS)
+            runs.append((token[1:] or token, open_nodes["("][-1], open_nodes["["][-1]))
+        elif token in ("(", "["):
+            push(token)
+        elif weight is not None and len(open_nodes["("]) > 1:
+            factor[open_nodes["("].pop()] = emphasis_weight(weight)
+        elif token == ")" and len(open_nodes["("]) > 1:
+            open_nodes["("].pop()
+        elif token == "]" and len(open_nodes["["]) > 1:
+            open_nodes["["].pop()
         else:
-            runs.append([token, 1.0])
-    for start in round_open:
-        scale(start, EMPHASIS)
-    for start in square_open:
-        scale(start, 1 / EMPHASIS)
-    merged: list[tuple[str, float]] = []
-    for chunk, weight in runs:
+            runs.append((token, open_nodes["("][-1], open_nodes["["][-1]))
+    total = factor[:]
+    for node in range(1, len(total)):      # parents come before their children
+        total[node] *= total[parent[node]]
+    merged: list[tuple[list[str], float]] = []
+    for chunk, round_node, square_node in runs:
+        weight = total[round_node] * total[square_node]
         if merged and merged[-1][1] == weight:
-            merged[-1] = (merged[-1][0] + chunk, weight)
+            merged[-1][0].append(chunk)
         else:
-            merged.append((chunk, weight))
-    return merged or [("", 1.0)]
+            check_emphasis(weight, chunk)
+            merged.append(([chunk], weight))
+    return [("".join(chunks), weight) for chunks, weight in merged] or [("", 1.0)]
+
+
+def emphasis_weight(text: str) -> float:
+    """The number of a `(word:1.3)` weight, refusing what is not a finite number."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise NanoDiffusionError(f"emphasis weight {text[:20]!r} is not a number: write (word:1.3)") from None
+    check_emphasis(weight, text)
+    return weight
+
+
+def check_emphasis(weight: float, where: str) -> None:
+    """Emphasis weights (nesting multiplies them) must be finite and within +-MAX_EMPHASIS."""
+    if not abs(weight) <= MAX_EMPHASIS:
+        raise NanoDiffusionError(f"emphasis weight {weight:g} (at {where[:20]!r}) is out of range: nested brackets "
+                                 f"multiply; keep weights within +-{MAX_EMPHASIS:g}")
 
 
 def weighted_tokens(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[float]]:
     """Token ids of a prompt (no start/end tokens) with the emphasis weight of each token."""
-    if len(text) > MAX_PROMPT_CHARS:
-        raise NanoDiffusionError(
-            f"prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}: shorten it")
+    check_prompt(text)
     ids: list[int] = []
     weights: list[float] = []
     for chunk, weight in parse_emphasis(text):
@@ -109,7 +150,8 @@ def prompt_warnings(tokenizer: Tokenizer, text: str) -> list[str]:
     if not text.strip():
         return ["empty prompt: the image is an unconditional sample"]
     messages = []
-    unknown = getattr(tokenizer, "unknown_words", lambda _: [])(text)
+    plain = "".join(chunk for chunk, _ in parse_emphasis(text))   # weights like (red:1.2) are not words
+    unknown = getattr(tokenizer, "unknown_words", lambda _: [])(plain)
     if unknown:
         messages.append(f"words this model does not know are ignored: {', '.join(unknown)}")
     n_tokens = len(weighted_tokens(tokenizer, text)[0])

@@ -11,7 +11,7 @@ and x_vp = x / sqrt(1 + sigma^2), so their results equal diffusers' schedulers s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -45,7 +45,7 @@ def to_d(x: torch.Tensor, sigma: float, x0: torch.Tensor) -> torch.Tensor:
 
 def check_eta(eta: float) -> None:
     """eta scales the fresh noise of a stochastic step: 0 is deterministic, 1 the full ancestral / SDE amount."""
-    if eta < 0:
+    if not (math.isfinite(eta) and eta >= 0):
         raise NanoDiffusionError(f"eta {eta} is not allowed: use 0 (deterministic) or more (1 = ancestral / SDE)")
 
 
@@ -369,6 +369,10 @@ def sample_langevin(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     return x
 
 
+LINSPACE = {"timestep_spacing": "linspace"}
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+
+
 @dataclass(frozen=True)
 class SamplerInfo:
     """A sampler, its web-UI name, and how the pipeline must set it up."""
@@ -380,6 +384,12 @@ class SamplerInfo:
     final_alpha: bool = False       # default list ends at the schedule's final sigma (DDIM / PNDM), not 0
     timestep_spacing: str | None = None   # a spacing of its own (LCM), else the schedule's
     multistep: bool = False         # diffusers' multistep spacing (steps + 1 points, last dropped)
+    config_defaults: dict = field(default_factory=dict, compare=False)   # its diffusers scheduler's own defaults
+
+    def schedule(self, schedule: NoiseSchedule) -> NoiseSchedule:
+        """The schedule as this sampler's diffusers scheduler reads the model's config: keys the file lacks take
+        that scheduler's defaults (schedules.CONFIG_DEFAULTS and config_defaults)."""
+        return schedule.with_defaults(self.config_defaults)
 
     def sigmas(self, schedule: NoiseSchedule, steps: int, spacing: str = "default") -> torch.Tensor:
         """The sigma list this sampler walks for `steps` steps ("default", "karras" or "exponential" spacing)."""
@@ -389,12 +399,12 @@ class SamplerInfo:
             sigmas[-1] = schedule.final_sigma
         return sigmas
 
-    def initial_noise_scale(self, sigmas: torch.Tensor, timestep_spacing: str | None = None) -> float:
-        """x_T = noise * this: sigma_0 (k-diffusion), or sqrt(1 + sigma_0^2), the VE image of unit VP noise, for
-        samplers that start from VP noise at a timestep (diffusers' init_noise_sigma = 1) and, as diffusers does,
-        for every sampler on a "leading" timestep spacing."""
+    def initial_noise_scale(self, sigmas: torch.Tensor, schedule: NoiseSchedule) -> float:
+        """x_T = noise * this, for every sampler and spacing. sigma_0 (k-diffusion), or sqrt(1 + sigma_0^2), the VE
+        image of unit VP noise, where diffusers starts from VP noise: its VP-native samplers (init_noise_sigma = 1)
+        and, for the others, a "leading" timestep spacing (their init_noise_sigma = sqrt(1 + sigma_max^2))."""
         s0 = float(sigmas[0])
-        vp_start = self.discrete or self.multistep or timestep_spacing == "leading"
+        vp_start = self.discrete or self.multistep or schedule.timestep_spacing == "leading"
         return math.sqrt(1 + s0**2) if vp_start else s0
 
     def truncate(self, sigmas: torch.Tensor, start: int) -> torch.Tensor:
@@ -402,22 +412,27 @@ class SamplerInfo:
         return sigmas[start:]
 
 
+# config_defaults: the diffusers scheduler each mirrors (DDIM, PNDM, DDPM, Euler, Euler a, LMS, Heun, KDPM2,
+# DPM-Solver multistep / SDE, UniPC, LCM); k-diffusion-only samplers take k-diffusion's linspace-like spacing.
 SAMPLERS: dict[str, SamplerInfo] = {
-    "euler_a": SamplerInfo(sample_euler_ancestral, "Euler a", stochastic=True),
-    "euler": SamplerInfo(sample_euler, "Euler"),
-    "lms": SamplerInfo(sample_lms, "LMS"),
-    "heun": SamplerInfo(sample_heun, "Heun"),
-    "dpm2": SamplerInfo(sample_dpm2, "DPM2"),
-    "dpmpp_2s_a": SamplerInfo(sample_dpmpp_2s_ancestral, "DPM++ 2S a", stochastic=True),
-    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "DPM++ 2M", multistep=True),
-    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, "DPM++ SDE", stochastic=True),
-    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "DPM++ 2M SDE", stochastic=True, multistep=True),
+    "euler_a": SamplerInfo(sample_euler_ancestral, "Euler a", stochastic=True, config_defaults=LINSPACE),
+    "euler": SamplerInfo(sample_euler, "Euler", config_defaults=LINSPACE),
+    "lms": SamplerInfo(sample_lms, "LMS", config_defaults=LINSPACE),
+    "heun": SamplerInfo(sample_heun, "Heun", config_defaults={**LINSPACE, **SD_BETAS}),
+    "dpm2": SamplerInfo(sample_dpm2, "DPM2", config_defaults={**LINSPACE, **SD_BETAS}),
+    "dpmpp_2s_a": SamplerInfo(sample_dpmpp_2s_ancestral, "DPM++ 2S a", stochastic=True, config_defaults=LINSPACE),
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "DPM++ 2M", multistep=True, config_defaults=LINSPACE),
+    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, "DPM++ SDE", stochastic=True, config_defaults={**LINSPACE, **SD_BETAS}),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "DPM++ 2M SDE", stochastic=True, multistep=True,
+                                config_defaults=LINSPACE),
     "ddim": SamplerInfo(sample_ddim, "DDIM", discrete=True, final_alpha=True),
-    "plms": SamplerInfo(sample_plms, "PLMS", discrete=True, final_alpha=True),
-    "unipc": SamplerInfo(sample_unipc, "UniPC", discrete=True, multistep=True),
+    "plms": SamplerInfo(sample_plms, "PLMS", discrete=True, final_alpha=True,
+                        config_defaults={"set_alpha_to_one": False}),
+    "unipc": SamplerInfo(sample_unipc, "UniPC", discrete=True, multistep=True, config_defaults=LINSPACE),
     "ddpm": SamplerInfo(sample_ddpm, "DDPM", stochastic=True, discrete=True),
-    "lcm": SamplerInfo(sample_lcm, "LCM", stochastic=True, discrete=True, timestep_spacing="lcm"),
-    "langevin": SamplerInfo(sample_langevin, "Langevin", stochastic=True),
+    "lcm": SamplerInfo(sample_lcm, "LCM", stochastic=True, discrete=True, timestep_spacing="lcm",
+                       config_defaults={"beta_schedule": "scaled_linear", **SD_BETAS}),
+    "langevin": SamplerInfo(sample_langevin, "Langevin", stochastic=True, config_defaults=LINSPACE),
 }
 
 
@@ -429,7 +444,3 @@ def get_sampler(name: str) -> SamplerInfo:
             return info
     raise choice_error("sampler", name, [info.display_name for info in SAMPLERS.values()])
 
-
-def initial_noise_scale(sampler: str, sigmas: torch.Tensor) -> float:
-    """How much to scale unit noise to start `sampler` on `sigmas` (see SamplerInfo.initial_noise_scale)."""
-    return get_sampler(sampler).initial_noise_scale(sigmas)

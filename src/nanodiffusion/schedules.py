@@ -20,6 +20,11 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "lcm")
 SIGMA_SPACINGS = ("default", "karras", "exponential")
 ZERO_SNR_ALPHA_BAR = 2.0**-24   # diffusers' stand-in for abar_T = 0, so sigma_max stays finite (~4096)
 LCM_ORIGINAL_STEPS = 50
+# diffusers' DDIMScheduler defaults for the keys a scheduler_config.json may lack (published SD 1.x / 2.x configs
+# have no "timestep_spacing"); samplers whose diffusers scheduler defaults differently say so in SamplerInfo.
+CONFIG_DEFAULTS = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                   "rescale_betas_zero_snr": False, "timestep_spacing": "leading", "steps_offset": 0,
+                   "set_alpha_to_one": True, "prediction_type": "epsilon"}
 
 
 def linear_betas(beta_start: float, beta_end: float, n: int) -> torch.Tensor:
@@ -82,6 +87,7 @@ class NoiseSchedule:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"
+    config: dict | None = field(default=None, repr=False, compare=False)   # the scheduler_config.json read
     betas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
@@ -105,19 +111,22 @@ class NoiseSchedule:
             self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseSchedule":
-        """From a diffusers scheduler_config.json dict; missing keys take diffusers' defaults."""
+    def from_config(cls, config: dict, defaults: dict | None = None) -> "NoiseSchedule":
+        """From a diffusers scheduler_config.json dict. A key it lacks (or sets to null) takes the value diffusers'
+        scheduler would default to: `defaults` (that scheduler's own), else CONFIG_DEFAULTS (DDIMScheduler's)."""
+        given = {key: value for key, value in config.items() if value is not None}
+        c = {**CONFIG_DEFAULTS, **(defaults or {}), **given}
         return cls(
-            beta_schedule=config.get("beta_schedule", "linear"),
-            num_train_timesteps=config.get("num_train_timesteps", 1000),
-            beta_start=config.get("beta_start", 0.0001),
-            beta_end=config.get("beta_end", 0.02),
-            rescale_zero_terminal_snr=config.get("rescale_betas_zero_snr", False),
-            timestep_spacing=config.get("timestep_spacing", "leading"),
-            steps_offset=config.get("steps_offset", 0),
-            set_alpha_to_one=config.get("set_alpha_to_one", True),
-            prediction_type=config.get("prediction_type", "epsilon"),
+            beta_schedule=c["beta_schedule"], num_train_timesteps=c["num_train_timesteps"],
+            beta_start=c["beta_start"], beta_end=c["beta_end"], rescale_zero_terminal_snr=c["rescale_betas_zero_snr"],
+            timestep_spacing=c["timestep_spacing"], steps_offset=c["steps_offset"],
+            set_alpha_to_one=c["set_alpha_to_one"], prediction_type=c["prediction_type"], config=dict(config),
         )
+
+    def with_defaults(self, defaults: dict) -> "NoiseSchedule":
+        """This schedule as a sampler whose diffusers scheduler defaults to `defaults` reads the same config file
+        (e.g. Euler's "linspace" spacing where the file has no timestep_spacing); unchanged when made in code."""
+        return self if self.config is None else NoiseSchedule.from_config(self.config, defaults)
 
     @property
     def train_sigmas(self) -> torch.Tensor:
@@ -181,8 +190,8 @@ class NoiseSchedule:
                discrete: bool = False, multistep: bool = False) -> torch.Tensor:
         """The `steps + 1` noise levels a sampler walks, ending in 0 (k-diffusion's sigma list).
 
-        spacing "default": sigma at the spaced timesteps (rounded to whole timesteps when `discrete`, as
-        diffusers' DDPM / DDIM / PNDM / UniPC / LCM do); "karras" (rho = 7) and "exponential" span
+        spacing "default": sigma at the spaced timesteps (rounded to whole timesteps when `discrete` or `multistep`,
+        as diffusers' DDPM / DDIM / PNDM / UniPC / LCM / DPM-Solver do); "karras" (rho = 7) and "exponential" span
         [sigma_min, sigma_max] of the schedule. `multistep` spaces steps + 1 timesteps and drops the last,
         as diffusers' multistep solvers (UniPC, DPM-Solver) do for "leading" and "linspace".
         """
@@ -197,7 +206,7 @@ class NoiseSchedule:
                 t = self.timesteps(steps + 1, timestep_spacing)[:-1]
             else:
                 t = self.timesteps(steps, timestep_spacing)
-            sigmas = self.t_to_sigma(t.round() if discrete else t)
+            sigmas = self.t_to_sigma(t.round() if discrete or multistep else t)
         else:
             raise choice_error("sigma schedule", spacing, list(SIGMA_SPACINGS))
         return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -194,11 +194,30 @@ def realize(prompt: Prompt, rng: random.Random, split: str = "all") -> Scene:
     return Scene(_layout(rng, prompt, colors), prompt)
 
 
-def example(seed: int, split: str, index: int, size: int) -> tuple[Scene, str, Image.Image]:
-    """The index-th example of a (seed, split) dataset: scene, caption, image."""
+def scene_caption(seed: int, split: str, index: int) -> tuple[Scene, str]:
+    """The index-th scene of a (seed, split) dataset and its caption, without drawing it."""
     rng = random.Random(f"shapes:{seed}:{split}:{index}")
     scene = sample_scene(rng, split)
-    return scene, caption(scene.prompt, rng), render(scene, size)
+    return scene, caption(scene.prompt, rng)
+
+
+def example(seed: int, split: str, index: int, size: int) -> tuple[Scene, str, Image.Image]:
+    """The index-th example of a (seed, split) dataset: scene, caption, image."""
+    scene, text = scene_caption(seed, split, index)
+    return scene, text, render(scene, size)
+
+
+def scene_boxes(scene: Scene, slots: int = 4) -> list[tuple[float, float, float, float]]:
+    """Per object slot, in the prompt's order: (present, centre x, centre y, half side), absent slots zero."""
+    boxes = [(1.0, obj.cx, obj.cy, obj.size) for obj in scene.objects]
+    return boxes + [(0.0, 0.0, 0.0, 0.0)] * (slots - len(boxes))
+
+
+def scene_labels(scene: Scene, slots: int = 4) -> list[tuple[int, int]]:
+    """Per object slot, in the prompt's order: (colour index or -1 where the prompt leaves it open, shape index);
+    absent slots (-1, -1)."""
+    labels = [(COLORS.index(color) if color else -1, SHAPES.index(shape)) for shape, color in scene.prompt.objects]
+    return labels + [(-1, -1)] * (slots - len(labels))
 
 
 class ShapesDataset(Dataset):
@@ -213,6 +232,14 @@ class ShapesDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def boxes(self, index: int) -> list[tuple[float, float, float, float]]:
+        """Item i's object boxes (scene_boxes), the layout stage's training target."""
+        return scene_boxes(scene_caption(self.seed, self.split, index)[0])
+
+    def labels(self, index: int) -> list[tuple[int, int]]:
+        """Item i's per-slot (colour, shape) indices (scene_labels)."""
+        return scene_labels(scene_caption(self.seed, self.split, index)[0])
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:

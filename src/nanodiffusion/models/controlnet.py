@@ -183,7 +183,8 @@ def check_base(unet: UNetConfig, controlnet: ControlNetConfig) -> None:
     """A ControlNet only fits the base model whose encoder it copied: same context width, levels and skips."""
     def shape(c: UNetConfig | ControlNetConfig) -> str:
         levels = len(c.block_out_channels)
-        return (f"cross_attention_dim={c.cross_attention_dim}, block_out_channels={list(c.block_out_channels)}, "
+        return (f"in_channels={c.in_channels}, cross_attention_dim={c.cross_attention_dim}, "
+                f"block_out_channels={list(c.block_out_channels)}, "
                 f"layers_per_block={per_block(c.layers_per_block, levels, 'layers_per_block')}")
 
     if shape(unet) != shape(controlnet):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 AttentionFactory = Callable[[int], nn.Module]  # channels -> module called as attn(h, context)
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (cache key, weight in oneDNN layout)
 
 
@@ -30,10 +31,10 @@ class PackedWeight:
     enabled = True
 
     def packable(self, x: Tensor) -> bool:
-        """CPU float32 inference: no autograd, no torch.compile tracing, oneDNN available, and a weight whose
+        """CPU float32 / bfloat16 inference: no autograd, no torch.compile tracing, oneDNN available, and a weight whose
         changes are tracked (not made under inference_mode)."""
         w = self.weight
-        return (self.enabled and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+        return (self.enabled and x.device.type == "cpu" and x.dtype == w.dtype in PACKED_DTYPES
                 and not w.is_inference() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 

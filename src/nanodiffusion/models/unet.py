@@ -168,7 +168,7 @@ class UNet2DConditionModel(nn.Module):
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-                                  .to(sample.dtype))
+                                  ).to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
         cache = self.deep_cache
         if cache is not None and cache.reusable(sample):
             return self.shallow(sample, emb, encoder_hidden_states, cache.features)

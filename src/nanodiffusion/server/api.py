@@ -1,90 +1,32 @@
 """The /sdapi/v1 HTTP API, shaped like the popular web UI's (AUTOMATIC1111) so its clients work unchanged.
 
-Requests carry many fields this project does not use (hires fix, face restoration, scripts, ...): they
-are accepted and ignored. Responses have the same keys: `images` (base64 PNGs), `parameters` (the request
-echoed back) and `info` (a JSON *string* with the seeds, prompts and infotexts).
+Bodies are in schema.py, their checks and the job they become in jobs.py. Responses have the web UI's keys:
+`images` (base64 PNGs), `parameters` (the request echoed back) and `info` (a JSON *string* with the seeds,
+prompts and infotexts). Status codes follow the package docstring's rule. Handlers stay responsive: request
+preparation runs on a worker thread (a few at a time), waiting for a job polls, and a client that hangs up
+has its job cancelled.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import NanoDiffusionError, choice_error
-from .encoding import b64_to_image, image_to_b64
+from ..errors import NanoDiffusionError
+from ..lora_files import SUFFIXES, read_metadata
+from .encoding import image_to_b64
+from .errors import public_message, server_folders
+from .jobs import SCHEDULES, build_job, check_options
 from .queue import Job, QueueFull
+from .schema import Img2ImgRequest, ImagesResponse, Options, Txt2ImgRequest
 
-SCHEDULES = {"automatic": "default", "uniform": "default", "karras": "karras", "exponential": "exponential"}
-MAX_SEED = 2**32
-SETTABLE_OPTIONS = {"CLIP_stop_at_last_layers", "live_previews_enable", "show_progress_every_n_steps"}
-
-
-@dataclass
-class Limits:
-    """What one request may ask for; anything beyond gets a 422 naming the limit."""
-
-    max_side: int = 1024
-    max_steps: int = 150
-    max_batch: int = 8
-    max_n_iter: int = 16
-    max_cfg: float = 30.0
-
-
-class Txt2ImgRequest(BaseModel):
-    """A txt2img request; unknown fields are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] | None = None
-    seed: int = -1
-    sampler_name: str | None = None
-    sampler_index: str | None = None
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 20
-    cfg_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    eta: float | None = None
-    denoising_strength: float | None = None
-    override_settings: dict[str, Any] | None = None
-    alwayson_scripts: dict[str, Any] | None = None
-    send_images: bool = True
-    save_images: bool = False
-
-
-class Img2ImgRequest(Txt2ImgRequest):
-    """An img2img / inpaint request: init image(s), optional mask (white = repaint), strength."""
-
-    init_images: list[str] | None = None
-    denoising_strength: float = 0.75
-    mask: str | None = None
-    mask_blur: int = 4
-    inpainting_fill: int = 0
-    inpaint_full_res: bool | int = False
-    inpainting_mask_invert: int = 0
-    include_init_images: bool = False
-
-
-class ImagesResponse(BaseModel):
-    """The generation response: images, the request echoed back, and the info JSON string."""
-
-    images: list[str] = Field(description="base64 PNG images, each with its parameters text chunk")
-    parameters: dict[str, Any]
-    info: str = Field(description="JSON string: prompt, all_prompts, seed, all_seeds, infotexts, ...")
+PREPARING_AT_ONCE = 2      # requests decoding images / parsing prompts at the same time
+WAIT_POLL_SECONDS = 0.05   # how often a waiting request checks its job and its client
 
 
 def default_options(pipeline: Any) -> dict[str, Any]:
@@ -97,6 +39,7 @@ def default_options(pipeline: Any) -> dict[str, Any]:
         "CLIP_stop_at_last_layers": pipeline.clip_skip,
         "live_previews_enable": True,
         "show_progress_every_n_steps": 1,
+        "nanodiffusion_precision": pipeline.precision,
     }
 
 
@@ -105,121 +48,19 @@ def model_title(pipeline: Any) -> str:
     return f"{pipeline.name} [{pipeline.model_hash[:10]}]" if pipeline.model_hash else pipeline.name
 
 
-def sampler_and_schedule(request: Txt2ImgRequest) -> tuple[str, str]:
-    """Resolve sampler_name / sampler_index (display names, old "X Karras" names) and the scheduler."""
-    from ..samplers import get_sampler
-
-    name = (request.sampler_name or request.sampler_index or "Euler a").strip()
-    schedule = (request.scheduler or "automatic").strip().lower()
-    for suffix in ("karras", "exponential"):
-        if name.lower().endswith(" " + suffix):
-            name, schedule = name[: -len(suffix) - 1], suffix
-    if schedule not in SCHEDULES:
-        raise choice_error("scheduler", request.scheduler, list(SCHEDULES))
-    try:
-        return get_sampler(name).display_name, SCHEDULES[schedule]
-    except ValueError as error:
-        raise NanoDiffusionError(str(error)) from None
-
-
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    """Reject a value outside [low, high] with a message naming the allowed range."""
-    if not low <= value <= high:
-        raise NanoDiffusionError(f"{name} {value} is out of range: use {low:g} to {high:g}")
-
-
-def check_side(name: str, value: int, limits: Limits) -> None:
-    """Sides are multiples of 8 up to the server's limit."""
-    if value % 8 or not 8 <= value <= limits.max_side:
-        raise NanoDiffusionError(f"{name} {value} is not allowed: use a multiple of 8 from 8 to {limits.max_side}")
-
-
-def prepare_inpaint(image: Image.Image, mask: Image.Image, request: Img2ImgRequest) -> tuple[Image.Image, Image.Image]:
-    """Mask basics: invert, blur its edge; inpainting_fill 0 ("fill") paints the hole with its surroundings first."""
-    mask = mask.convert("L").resize(image.size)
-    if request.inpainting_mask_invert:
-        mask = ImageOps.invert(mask)
-    if request.mask_blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
-    if request.inpainting_fill == 0:
-        image = Image.composite(fill_from_surroundings(image, mask), image.convert("RGB"), mask)
-    return image, mask
-
-
-def fill_from_surroundings(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Normalised convolution: blur(image * keep) / blur(keep), so the hole takes its neighbours' colours."""
-    keep = ImageOps.invert(mask)
-    kept = Image.composite(image.convert("RGB"), Image.new("RGB", image.size), keep)
-    radius = ImageFilter.GaussianBlur(max(image.size) / 8)
-    total = np.asarray(kept.filter(radius), dtype=np.float32)
-    weight = np.asarray(keep.filter(radius), dtype=np.float32)[..., None] / 255
-    return Image.fromarray((total / np.maximum(weight, 1 / 255)).clip(0, 255).astype(np.uint8))
-
-
-def controlnet_unit(request: Txt2ImgRequest, pipeline: Any) -> tuple[Image.Image | None, float]:
-    """The first enabled unit of the ControlNet extension's `alwayson_scripts.controlnet.args` -> (image, weight)."""
-    scripts = {key.lower(): value for key, value in (request.alwayson_scripts or {}).items()}
-    units = (scripts.get("controlnet") or {}).get("args") or []
-    unit = next((u for u in units if isinstance(u, dict) and u.get("enabled", True)), None)
-    if unit is None:
-        return None, 1.0
-    if getattr(pipeline, "controlnet", None) is None:
-        raise NanoDiffusionError("this server has no ControlNet loaded: start it with --controlnet FILE")
-    image = unit.get("image") or unit.get("input_image")
-    if isinstance(image, dict):
-        image = image.get("image")
-    if not isinstance(image, str):
-        raise NanoDiffusionError("the ControlNet unit needs an image (base64) in 'image' or 'input_image'")
-    weight = float(unit.get("weight", 1.0))
-    check_range("controlnet weight", weight, 0, 2)
-    return b64_to_image(image, "controlnet image"), weight
-
-
-def build_job(request: Txt2ImgRequest, pipeline: Any, options: dict[str, Any], limits: Limits,
-              *, save: bool) -> Job:
-    """Validate a request against the limits and turn it into the pipeline's keyword arguments."""
-    sampler, schedule = sampler_and_schedule(request)
-    init = mask = None
-    if isinstance(request, Img2ImgRequest) and request.init_images:
-        init = b64_to_image(request.init_images[0], "init_images[0]")
-        if request.mask:
-            init, mask = prepare_inpaint(init, b64_to_image(request.mask, "mask"), request)
-    width, height = (init.width // 8 * 8, init.height // 8 * 8) if init else (pipeline.default_size,) * 2
-    width = width if request.width is None else request.width
-    height = height if request.height is None else request.height
-    check_side("width", width, limits)
-    check_side("height", height, limits)
-    check_range("steps", request.steps, 1, limits.max_steps)
-    check_range("batch_size", request.batch_size, 1, limits.max_batch)
-    check_range("n_iter", request.n_iter, 1, limits.max_n_iter)
-    cfg = pipeline.default_cfg if request.cfg_scale is None else request.cfg_scale
-    check_range("cfg_scale", cfg, 0, limits.max_cfg)
-    strength = request.denoising_strength if init is not None else None
-    if strength is not None:
-        check_range("denoising_strength", strength, 0.01, 1)
-    settings = {**options, **(request.override_settings or {})}
-    control_image, control_scale = controlnet_unit(request, pipeline)
-    kwargs = {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-        "sampler": sampler, "schedule": schedule, "cfg": cfg,
-        "seed": request.seed if 0 <= request.seed < MAX_SEED else random.randrange(MAX_SEED),
-        "width": width, "height": height, "batch": request.batch_size, "init_image": init,
-        "strength": strength or 0.75, "mask": mask, "eta": request.eta,
-        "clip_skip": int(settings.get("CLIP_stop_at_last_layers") or 1),
-        "control_image": control_image, "control_scale": control_scale,
-    }
-    return Job(kwargs, n_iter=request.n_iter, save=save, previews=bool(settings.get("live_previews_enable", True)),
-               preview_every=max(1, int(settings.get("show_progress_every_n_steps") or 1)))
-
-
-def submit(request: Request, body: Txt2ImgRequest, *, save: bool) -> tuple[Job, int]:
-    """Build and queue a job; bad input -> 422, full queue -> 429."""
+async def submit(request: Request, body: Txt2ImgRequest, *, save: bool) -> tuple[Job, int]:
+    """Build (on a worker thread) and queue a job; bad input -> 422, full queue -> 429."""
     state = request.app.state
+    if not state.worker.has_room():
+        raise HTTPException(429, state.worker.full_message())
+    if getattr(state, "preparing", None) is None:
+        state.preparing = anyio.CapacityLimiter(PREPARING_AT_ONCE)
     try:
-        job = build_job(body, state.pipeline, state.options, state.limits, save=save)
+        job = await anyio.to_thread.run_sync(
+            lambda: build_job(body, state.pipeline, state.options, state.limits, save=save), limiter=state.preparing)
         return job, state.worker.submit(job)
     except NanoDiffusionError as error:
-        raise HTTPException(422, str(error)) from None
+        raise HTTPException(422, public_message(str(error), server_folders(state.pipeline, state.outputs))) from None
     except QueueFull as error:
         raise HTTPException(429, str(error)) from None
 
@@ -249,9 +90,13 @@ def info_json(job: Job, pipeline: Any, body: Txt2ImgRequest) -> str:
 
 
 async def generate(request: Request, body: Txt2ImgRequest) -> ImagesResponse:
-    """Queue the request, wait for the worker, answer with the web UI's response shape."""
-    job, _ = submit(request, body, save=body.save_images)
-    await anyio.to_thread.run_sync(job.done.wait, abandon_on_cancel=True)
+    """Queue the request, wait for the worker (cancelling the job if the client hangs up), answer like the web UI."""
+    job, _ = await submit(request, body, save=body.save_images)
+    while not job.done.is_set():
+        if await request.is_disconnected():
+            request.app.state.worker.cancel(job)
+            raise HTTPException(400, "client disconnected: job cancelled")
+        await anyio.sleep(WAIT_POLL_SECONDS)
     if job.status == "failed":
         raise HTTPException(job.error_status, job.error)
     echo = body.model_dump()
@@ -336,15 +181,13 @@ def get_options(request: Request) -> dict[str, Any]:
 
 
 @router.post("/options")
-def set_options(request: Request, body: dict[str, Any]) -> None:
+def set_options(request: Request, body: Options) -> None:
     """Update the settings this server knows; others (and model switches) are accepted and ignored."""
-    options = request.app.state.options
-    for key in SETTABLE_OPTIONS & body.keys():
-        kind = type(options[key])
-        try:
-            options[key] = body[key] in (True, 1, "true", "True") if kind is bool else kind(body[key])
-        except (TypeError, ValueError):
-            raise HTTPException(422, f"option {key} must be a {kind.__name__}, not {body[key]!r}") from None
+    state = request.app.state
+    try:
+        state.options.update(check_options(body, state.pipeline))
+    except NanoDiffusionError as error:
+        raise HTTPException(422, str(error)) from None
 
 
 def lora_files(pipeline: Any) -> list[Path]:
@@ -352,16 +195,26 @@ def lora_files(pipeline: Any) -> list[Path]:
     folder = getattr(pipeline, "lora_dir", None)
     if folder is None or not Path(folder).is_dir():
         return []
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".pt", ".ckpt"))
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
+
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    """A LoRA file's safetensors header metadata; {} for .pt / .ckpt files and unreadable ones."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        return read_metadata(path)
+    except NanoDiffusionError:
+        return {}
 
 
 @router.get("/loras")
 def loras(request: Request) -> list[dict[str, Any]]:
-    """The LoRA folder's files, as the popular web UI lists them (use them with <lora:NAME:WEIGHT>)."""
-    from ..lora_files import read_metadata
-
-    return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": read_metadata(p)}
-            for p in lora_files(request.app.state.pipeline)]
+    """The LoRA folder's files, as the popular web UI lists them (use them with <lora:NAME:WEIGHT>); paths are
+    relative to the LoRA folder."""
+    pipeline = request.app.state.pipeline
+    return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(pipeline.lora_dir).as_posix(),
+             "metadata": lora_metadata(p)} for p in lora_files(pipeline)]
 
 
 @router.get("/sd-vae")

@@ -1,20 +1,28 @@
-"""Request guards in front of every route: allowed hosts, HTTP basic auth, same-origin writes, body size.
+"""Request guards in front of every route: allowed hosts, HTTP basic auth, same-origin writes, body size and time.
 
 A server on loopback is still reachable by any web page the user opens, so: writes (POST/PUT/PATCH/
-DELETE) whose Origin header names another host than the Host header get 403, and, when serving on
-loopback only, a Host header naming anything but loopback gets 403 (DNS rebinding).
+DELETE) whose Origin header names another host than the Host header get 403, and, unless it listens on every
+interface, a Host header naming anything but a loopback address (127.0.0.0/8, ::1, localhost) or the bind
+address gets 403 (DNS rebinding). Every response forbids framing by other sites (clickjacking), and a body
+that stops arriving for `body_timeout` seconds gets 408 instead of holding the connection forever.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import secrets
 from urllib.parse import urlsplit
 
+import anyio
+
 from ..errors import NanoDiffusionError
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+EVERY_INTERFACE = {"0.0.0.0", "::", ""}
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff")]
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -39,20 +47,41 @@ def authority(host: str, scheme: str) -> tuple[str, int | None]:
     return (parts.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme)
 
 
+def is_loopback(host: str) -> bool:
+    """localhost, any 127.0.0.0/8 address, ::1 (also written as an IPv4-mapped IPv6 address)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def allowed_hosts_for(bind: str) -> set[str] | None:
+    """Host names a server bound to `bind` answers to: loopback and the bind address; None (any) on every
+    interface, where the server is meant for others and only --api-auth protects it."""
+    bind = bind.strip("[]").lower()
+    return None if bind in EVERY_INTERFACE else LOOPBACK_HOSTS | {bind}
+
+
 class Guard:
     """ASGI middleware: reject bad requests before they reach the app (403 / 401 / 413)."""
 
     def __init__(self, app, *, credentials: list[tuple[str, str]] | None = None, max_body: int = 32 << 20,
-                 allowed_hosts: set[str] | None = None) -> None:
+                 allowed_hosts: set[str] | None = None, body_timeout: float = 10.0) -> None:
         self.app = app
         self.credentials = credentials
         self.max_body = max_body
         self.allowed_hosts = allowed_hosts
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = secure(send)
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         problem = self.problem(scope, headers)
         if problem is None:
@@ -75,8 +104,9 @@ class Guard:
         """The first check the request fails, as (status, message, extra headers), or None."""
         scheme = scope.get("scheme", "http")
         host = authority(headers.get("host", ""), scheme)
-        if self.allowed_hosts is not None and host[0] not in self.allowed_hosts:
-            return 403, f"host {host[0]!r} is not allowed on a loopback server: use --listen to serve others", {}
+        if self.allowed_hosts is not None and host[0] not in self.allowed_hosts and not is_loopback(host[0]):
+            return 403, (f"host {host[0]!r} is not allowed: this server answers to loopback and its bind address "
+                         "only; use --listen to serve others"), {}
         if self.credentials is not None and not self.authorized(headers.get("authorization", "")):
             return 401, "authentication required", {"www-authenticate": 'Basic realm="nanodiffusion"'}
         origin = headers.get("origin")
@@ -101,14 +131,18 @@ class Guard:
         return any(matches)
 
     async def read_body(self, receive, headers: dict[str, str]) -> tuple[bytes, tuple[int, str, dict] | None]:
-        """Read the whole body, refusing it (413) as soon as it passes the limit."""
+        """Read the whole body, refusing it as soon as it passes the limit (413) or stalls (408)."""
         too_large = 413, f"request body larger than {self.max_body} bytes", {}
         length = headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self.max_body:
             return b"", too_large
         chunks, size = [], 0
         while True:
-            message = await receive()
+            message = None
+            with anyio.move_on_after(self.body_timeout):
+                message = await receive()
+            if message is None:
+                return b"", (408, f"request body stalled: nothing received for {self.body_timeout:g} s", {})
             if message["type"] != "http.request":
                 return b"", (400, "client disconnected", {})
             chunks.append(message.get("body", b""))
@@ -117,6 +151,19 @@ class Guard:
                 return b"", too_large
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def secure(send):
+    """Wrap an ASGI send so every response carries SECURITY_HEADERS (unless the app set them itself)."""
+
+    async def send_secure(message) -> None:
+        if message["type"] == "http.response.start":
+            present = {key.lower() for key, _ in message.get("headers", [])}
+            extra = [(key, value) for key, value in SECURITY_HEADERS if key not in present]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return send_secure
 
 
 async def reject(send, status: int, message: str, headers: dict[str, str]) -> None:

@@ -26,6 +26,7 @@ from ..errors import NanoDiffusionError
 from ..images import save_png
 from ..pipeline import Interrupted
 from .encoding import image_to_b64
+from .errors import public_message, server_folders
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,21 @@ class Worker:
         """Queue a job and return its position (1 = next to run); raise QueueFull when full."""
         with self.lock:
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting): retry later")
+                raise QueueFull(self.full_message())
             self.waiting.append(job)
             self.jobs[job.id] = job
             self.forget_old()
             self.lock.notify()
             return len(self.waiting)
+
+    def has_room(self) -> bool:
+        """Whether a job submitted now would be queued (checked again by submit)."""
+        with self.lock:
+            return len(self.waiting) < self.max_queue
+
+    def full_message(self) -> str:
+        """The 429 message."""
+        return f"the queue is full ({self.max_queue} jobs waiting): retry later"
 
     def position(self, job: Job) -> int:
         """1-based place in the queue of a waiting job, 0 once it runs."""
@@ -194,12 +204,16 @@ class Worker:
                     job.saved.extend(self.save(image, seed + i) for i, image in enumerate(images))
                 job.changed()
         except NanoDiffusionError as error:
-            job.finish("failed", str(error), 400)
+            job.finish("failed", self.public(str(error)), 400)
         except Exception as error:  # noqa: BLE001 - report any model failure to the client, keep serving
             log.exception("generation failed")
-            job.finish("failed", f"generation failed: {type(error).__name__}: {error}", 500)
+            job.finish("failed", self.public(f"generation failed: {type(error).__name__}: {error}"), 500)
         else:
             job.finish("cancelled" if job.interrupt and not job.images else "done")
+
+    def public(self, message: str) -> str:
+        """An error message as clients may see it (server/errors.py)."""
+        return public_message(message, server_folders(self.pipeline, self.outputs))
 
     def callback(self, job: Job):
         """The pipeline callback: record the step, publish a preview of x0, stop when asked."""

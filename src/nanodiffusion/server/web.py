@@ -16,8 +16,9 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from .api import Img2ImgRequest, lora_files, model_title, submit
+from .api import lora_files, model_title, submit
 from .queue import Job
+from .schema import Img2ImgRequest
 
 STATIC = Path(__file__).parent / "static"
 POLL_SECONDS = 0.04
@@ -43,9 +44,9 @@ def config(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/jobs", tags=["web"])
-def create_job(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
+async def create_job(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
     """Queue a generation (results are saved under the outputs folder); returns its id and queue position."""
-    job, position = submit(request, body, save=True)
+    job, position = await submit(request, body, save=True)
     return {"id": job.id, "position": position}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.captions import COLORS, SHAPES
 from .save import save_module
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "weights" / "builtin"
@@ -51,7 +52,7 @@ BUILTIN_TEXT_ENCODER = {
 
 BUILTIN_UNET = {
     "sample_size": 16,
-    "in_channels": 4,
+    "in_channels": 4 + 16,  # latents + the layout stage's slot map
     "out_channels": 4,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -66,6 +67,11 @@ BUILTIN_UNET = {
     "cross_attention_dim": 128,
     "attention_head_dim": 4,
 }
+
+# The layout stage (models/layout.py): slot reader, box flow model, slot map of 16 channels the UNet reads beside
+# its 4 latent channels (the UNet's in_channels become 4 + map_channels).
+BUILTIN_LAYOUT = {"slots": 4, "dim": 128, "heads": 4, "slot_layers": 2, "box_layers": 3, "map_channels": 16,
+                  "sharpness": 100.0, "sample_steps": 24, "slot_classes": [len(COLORS), len(SHAPES)]}
 
 # Stable Diffusion's training schedule (scaled-linear betas 0.00085 -> 0.012 over 1000 steps), epsilon target.
 BUILTIN_SCHEDULER = {
@@ -86,18 +92,21 @@ BUILTIN_CFG = 4.0
 
 # Training settings of the two stages (also the defaults of `nanodiff train vae` / `diffusion`).
 # The UNet trains in fp32: on the CPU it was measured faster than under bf16 autocast.
-VAE_RECIPE = {"steps": 600, "batch_size": 32, "lr": 5e-4, "warmup": 100, "mixed_precision": "bf16",
-              "checkpoint_every": 200, "preview_every": 200}
-DIFFUSION_RECIPE = {"steps": 4000, "batch_size": 32, "lr": 3e-4, "warmup": 200, "mixed_precision": "no",
-                    "checkpoint_every": 200, "preview_every": 250}
+VAE_RECIPE = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup": 100, "mixed_precision": "bf16",
+              "checkpoint_every": 500, "preview_every": 500}
+DIFFUSION_RECIPE = {"steps": 6000, "batch_size": 32, "lr": 3e-4, "warmup": 200, "mixed_precision": "no",
+                    "checkpoint_every": 200, "preview_every": 500}
 
 
 def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                           tokenizer: object, scheduler: dict, dtype: torch.dtype = torch.float32,
-                          name: str = "model") -> Path:
-    """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+                          name: str = "model", layout: nn.Module | None = None) -> Path:
+    """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and
+    layout/ for a model with a layout stage."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if layout is not None:
+        save_module(layout, layout.config.to_dict(), folder / "layout", "diffusion_pytorch_model.safetensors", dtype)
     save_module(unet, unet.config.to_dict(), folder / "unet", "diffusion_pytorch_model.safetensors", dtype)
     save_module(vae, vae.config.to_dict(), folder / "vae", "diffusion_pytorch_model.safetensors", dtype)
     save_module(text_encoder, text_encoder.config.to_dict(), folder / "text_encoder", "model.safetensors", dtype)
@@ -114,16 +123,19 @@ def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_en
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["nanodiffusion", "WordTokenizer"],
         "scheduler": ["diffusers", scheduler["_class_name"]],
+        **({"layout": ["nanodiffusion", "LayoutModel"]} if layout is not None else {}),
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
 
-def load_pipeline_parts(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, object]:
-    """Read back (unet, vae, text_encoder, tokenizer) from a folder written by `write_pipeline_folder`."""
+def load_pipeline_parts(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, object, nn.Module | None]:
+    """Read back (unet, vae, text_encoder, tokenizer, layout or None) from a folder written by
+    `write_pipeline_folder`."""
     from safetensors.torch import load_file
 
     from ..models.clip import CLIPTextConfig, CLIPTextModel
+    from ..models.layout import LayoutConfig, LayoutModel
     from ..models.unet import UNet2DConditionModel, UNetConfig
     from ..models.vae import AutoencoderKL, VAEConfig
     from ..models.word_tokenizer import WordTokenizer
@@ -133,20 +145,26 @@ def load_pipeline_parts(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, 
     for name, config_cls, model_cls, filename in (
             ("unet", UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model.safetensors"),
             ("vae", VAEConfig, AutoencoderKL, "diffusion_pytorch_model.safetensors"),
-            ("text_encoder", CLIPTextConfig, CLIPTextModel, "model.safetensors")):
+            ("text_encoder", CLIPTextConfig, CLIPTextModel, "model.safetensors"),
+            ("layout", LayoutConfig, LayoutModel, "diffusion_pytorch_model.safetensors")):
+        if not (folder / name).is_dir():
+            parts.append(None)
+            continue
         config = json.loads((folder / name / "config.json").read_text())
         model = model_cls(config_cls.from_dict(config))
         model.load_state_dict({k: v.float() for k, v in load_file(folder / name / filename).items()})
         parts.append(model.eval())
-    return (*parts, WordTokenizer.load(folder / "tokenizer"))
+    unet, vae, text_encoder, layout = parts
+    return unet, vae, text_encoder, WordTokenizer.load(folder / "tokenizer"), layout
 
 
 def ship(source: Path, destination: Path = BUILTIN_DIR) -> Path:
     """Copy a trained pipeline folder into the package as fp16 safetensors (the built-in model)."""
-    unet, vae, text_encoder, tokenizer = load_pipeline_parts(source)
+    unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(source)
     scheduler = json.loads((Path(source) / "scheduler" / "scheduler_config.json").read_text())
+    shutil.rmtree(Path(destination) / "layout", ignore_errors=True)
     return write_pipeline_folder(destination, unet, vae, text_encoder, tokenizer, scheduler, torch.float16,
-                                 name="builtin")
+                                 name="builtin", layout=layout)
 
 
 def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],

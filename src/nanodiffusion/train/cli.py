@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import choice_error
 
-KINDS = ("vae", "diffusion", "builtin", "controlnet")
+KINDS = ("vae", "diffusion", "builtin", "controlnet", "tiny-vae")
 
 
 def main(argv: list[str]) -> None:
@@ -19,6 +19,8 @@ def main(argv: list[str]) -> None:
         from .builtin import main as run
     elif kind == "controlnet":
         from .controlnet import main as run
+    elif kind == "tiny-vae":
+        from .tiny_vae import main as run
     else:
         raise choice_error("training kind", kind, list(KINDS))
     run(rest)

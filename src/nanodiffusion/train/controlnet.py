@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import NanoDiffusionError
 from ..models.controlnet import ControlNetModel, controlnet_unet
 from .args import add_common_arguments, config_from_args
+from .cache import fingerprint, load_cache, save_cache
 from .data import batch_indices
 from .diffusion import DiffusionObjective, cache_latents
 from .finetune import Base, latent_batch, load_base
@@ -80,14 +81,14 @@ class ControlNetObjective(nn.Module):
 
 
 def cache_layouts(dataset, path: Path) -> torch.Tensor:
-    """Every scene's layout mask as uint8 [N, H, W] (one channel: the mask is gray), cached at `path`."""
-    if path.is_file():
-        return torch.load(path)
-    layouts = torch.stack([dataset[i]["layout"] for i in range(len(dataset))])
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(layouts, tmp)
-    tmp.replace(path)
-    return layouts
+    """Every scene's layout mask as uint8 [N, H, W] (one channel: the mask is gray), cached at `path` under a
+    fingerprint of the dataset (cache.py)."""
+    key = fingerprint(dataset)
+    cache = load_cache(path, key)
+    if cache is None:
+        cache = {"layouts": torch.stack([dataset[i]["layout"] for i in range(len(dataset))])}
+        save_cache(path, cache, key)
+    return cache["layouts"]
 
 
 def layout_controls(layouts: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ def train_controlnet(config: TrainConfig, base: Base = None, dataset_size: int =
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=hint_channels(pipe.vae_scale))
     diffusion = DiffusionObjective(ControlledUNet(pipe.unet, controlnet), pipe.text_encoder,
                                    pipe.schedule.alphas_cumprod, pipe.tokenizer([""])[0], pipe.prediction,
-                                   snr_gamma, uncond_prob)
+                                   snr_gamma, uncond_prob, pipe.layout)
     objective = ControlNetObjective(diffusion)
     cases = preview_cases()
 

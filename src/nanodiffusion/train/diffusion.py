@@ -24,6 +24,7 @@ from ..errors import NanoDiffusionError
 from .args import add_common_arguments, config_from_args
 from .builtin import (
     BUILTIN_CFG,
+    BUILTIN_LAYOUT,
     BUILTIN_SCHEDULER,
     BUILTIN_TEXT_ENCODER,
     BUILTIN_UNET,
@@ -55,10 +56,11 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, alphas_cumprod: torch.Tensor,
                  empty_ids: torch.Tensor, prediction: str = "epsilon", snr_gamma: float = 5.0,
-                 uncond_prob: float = 0.1):
+                 uncond_prob: float = 0.1, layout: nn.Module | None = None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.layout = layout
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("empty_ids", empty_ids.long(), persistent=False)
         self.prediction = prediction
@@ -66,7 +68,8 @@ class DiffusionObjective(nn.Module):
         self.uncond_prob = uncond_prob
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Min-SNR weighted MSE between prediction and target at uniformly drawn timesteps."""
+        """Min-SNR weighted MSE between prediction and target at uniformly drawn timesteps; with a layout model,
+        the UNet also sees the slot map of the true boxes, and the box flow loss is added (models/layout.py)."""
         mean, std, ids = batch["mean"], batch["std"], batch["input_ids"]
         scale = batch["scaling_factor"].view(-1, 1, 1, 1)
         x0 = (mean + std * torch.randn_like(mean)) * scale  # a posterior sample, scaled to unit variance
@@ -76,18 +79,37 @@ class DiffusionObjective(nn.Module):
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noise = torch.randn_like(x0)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-        prediction = self.unet(x_t, t, self.text_encoder(ids)).float()
+        context = self.text_encoder(ids)
+        logs, layout_loss = {}, 0.0
+        if self.layout is not None and "boxes" in batch:   # training the layout stage on known boxes
+            slots, boxes, keep = self.layout.read_slots(context), batch["boxes"], ~drop
+            slot_map = self.layout.paint(boxes, slots, *x_t.shape[-2:]) * keep.view(-1, 1, 1, 1)
+            per_image = (self.layout.flow_loss(boxes, slots, context)
+                         + self.layout.slot_loss(slots, batch["labels"])) * keep   # captioned images only
+            layout_loss = per_image.sum() / keep.sum().clamp(min=1)
+            logs["layout"] = layout_loss.detach()
+            x_t = torch.cat([x_t, slot_map], dim=1)
+        elif self.layout is not None:   # fine-tuning a model with a (frozen) layout stage: boxes drawn from the text
+            noise = torch.randn(len(ids), self.layout.config.slots, 4, device=ids.device)
+            slot_map = self.layout(context.detach(), noise, *x_t.shape[-2:]) * (~drop).view(-1, 1, 1, 1)
+            x_t = torch.cat([x_t, slot_map], dim=1)
+        prediction = self.unet(x_t, t, context).float()
         target = diffusion_target(x0, noise, alpha_bar, self.prediction)
         mse = (prediction - target).pow(2).flatten(1).mean(1)
         weight = min_snr_weight(alpha_bar.flatten() / (1 - alpha_bar.flatten()), self.snr_gamma, self.prediction)
-        return (weight * mse).mean(), {"mse": mse.mean().detach()}
+        return (weight * mse).mean() + layout_loss, {"mse": mse.mean().detach(), **logs}
 
 
 @torch.no_grad()
 def cache_latents(vae: nn.Module, dataset, path: Path, batch_size: int = 64, bf16: bool = False) -> dict:
-    """Encode every image once to its posterior mean and std (and keep the captions); cached at `path`."""
-    if path.is_file():
-        return torch.load(path)
+    """Encode every image once to its posterior mean and std (and keep the captions); cached at `path` under a
+    fingerprint of the data, the VAE and the precision (cache.py), so a changed folder is encoded again."""
+    from .cache import fingerprint, load_cache, save_cache
+
+    key = fingerprint(dataset, vae, bf16=bf16)
+    cache = load_cache(path, key)
+    if cache is not None:
+        return cache
     means, stds, captions = [], [], []
     started = time.time()
     for start in range(0, len(dataset), batch_size):
@@ -98,9 +120,7 @@ def cache_latents(vae: nn.Module, dataset, path: Path, batch_size: int = 64, bf1
         stds.append((0.5 * posterior.logvar.float()).exp().half())
         captions += [item["caption"] for item in items]
     cache = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    save_cache(path, cache, key)
     print(f"cached {len(captions)} latents in {time.time() - started:.0f} s")
     return cache
 
@@ -139,9 +159,11 @@ def preview_prompts(captions: list[str], n: int = 8) -> list[str]:
 def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = None, dataset_size: int = 20_000,
                     prediction: str = "epsilon", snr_gamma: float = 5.0, uncond_prob: float = 0.1,
                     unet_config: dict | None = None, text_config: dict | None = None,
-                    preview_steps: int = 20) -> nn.Module:
-    """Train UNet + text encoder on cached latents; writes output/model (a diffusers-style folder)."""
+                    layout_config: dict | None = None, preview_steps: int = 20) -> nn.Module:
+    """Train UNet + text encoder (+ the layout model, on the shapes scenes, whose object boxes are known) on
+    cached latents; writes output/model (a diffusers-style folder)."""
     from ..models.clip import CLIPTextConfig, CLIPTextModel
+    from ..models.layout import LayoutConfig, LayoutModel
     from ..models.unet import UNet2DConditionModel, UNetConfig
     from ..schedules import NoiseSchedule
 
@@ -155,25 +177,34 @@ def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = No
     scaling = torch.tensor(float(vae.config.scaling_factor))
 
     torch.manual_seed(config.seed)
-    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config or BUILTIN_UNET))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(
-        {**BUILTIN_TEXT_ENCODER, **(text_config or {}), "vocab_size": len(tokenizer)}))
+    unet_config = dict(unet_config or BUILTIN_UNET)
+    text_config = {**BUILTIN_TEXT_ENCODER, **(text_config or {}), "vocab_size": len(tokenizer)}
+    layout, boxes, labels = None, None, None
+    if hasattr(dataset, "boxes"):   # the shapes scenes: learn the layout stage too
+        layout = LayoutModel(LayoutConfig.from_dict({**BUILTIN_LAYOUT, **(layout_config or {}),
+                                                     "context_dim": text_config["hidden_size"]}))
+        boxes = torch.tensor([dataset.boxes(i) for i in range(len(dataset))])
+        labels = torch.tensor([dataset.labels(i) for i in range(len(dataset))])
+        unet_config["in_channels"] = vae.config.latent_channels + layout.config.map_channels
+    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
     schedule = NoiseSchedule.from_config(BUILTIN_SCHEDULER)
     objective = DiffusionObjective(unet, text_encoder, schedule.alphas_cumprod, tokenizer([""])[0],
-                                   prediction, snr_gamma, uncond_prob)
+                                   prediction, snr_gamma, uncond_prob, layout)
     prompts = preview_prompts(cache["captions"])
 
     def batches(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         i = batch_indices(len(all_ids), config.batch_size, config.seed, step, micro, rank)
-        return {"mean": cache["mean"][i].float(), "std": cache["std"][i].float(), "input_ids": all_ids[i],
-                "scaling_factor": scaling.expand(len(i))}
+        batch = {"mean": cache["mean"][i].float(), "std": cache["std"][i].float(), "input_ids": all_ids[i],
+                 "scaling_factor": scaling.expand(len(i))}
+        return batch if boxes is None else {**batch, "boxes": boxes[i], "labels": labels[i]}
 
     def preview(objective: nn.Module, path: Path) -> None:
         from ..images import image_grid
         from ..pipeline import Pipeline
 
         pipe = Pipeline(unet=objective.unet, vae=vae, text_encoder=objective.text_encoder, tokenizer=tokenizer,
-                        schedule=schedule, prediction=prediction, name="preview",
+                        schedule=schedule, prediction=prediction, name="preview", layout=objective.layout,
                         default_size=vae.config.sample_size, default_cfg=BUILTIN_CFG)
         images = [pipe(p, steps=preview_steps, sampler="euler", seed=i)[0] for i, p in enumerate(prompts)]
         image_grid(images, columns=len(images) // 2).save(path)
@@ -181,7 +212,8 @@ def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = No
 
     def finish(objective: nn.Module, output: Path) -> None:
         write_pipeline_folder(output / "model", objective.unet, vae, objective.text_encoder, tokenizer,
-                              {**BUILTIN_SCHEDULER, "prediction_type": prediction}, name=output.name)
+                              {**BUILTIN_SCHEDULER, "prediction_type": prediction}, name=output.name,
+                              layout=objective.layout)
         (output / "train_config.json").write_text(json.dumps(config_dict(config), indent=2))
 
     return train(objective, batches, config, preview=preview, finish=finish)

@@ -79,7 +79,8 @@ def save_model_folder(pipe: Pipeline, unet: nn.Module, text_encoder: nn.Module, 
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer_dir = base / "tokenizer" if base is not None and base.is_dir() else None
-    models = {"unet": unet, "vae": pipe.vae, "text_encoder": text_encoder}
+    models = {"unet": unet, "vae": pipe.vae, "text_encoder": text_encoder,
+              **({"layout": pipe.layout} if pipe.layout is not None else {})}
     save_diffusers(Checkpoint(
         parts={name: {k: v.detach().float().cpu() for k, v in m.state_dict().items()} for name, m in models.items()},
         configs={name: m.config.to_dict() for name, m in models.items()}, scheduler=scheduler_config(pipe),

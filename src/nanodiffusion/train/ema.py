@@ -38,5 +38,5 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`."""
         self.model.load_state_dict(state["model"])
-        self.step = state["step"]
-        self.decay = state["decay"]
+        self.step = int(state["step"])
+        self.decay = float(state["decay"])

@@ -145,7 +145,8 @@ def run_finetune(base: Base, data: str | Path | None, config: TrainConfig, setti
     scaling = float(pipe.vae.config.scaling_factor)
 
     diffusion = DiffusionObjective(pipe.unet, pipe.text_encoder, pipe.schedule.alphas_cumprod,
-                                   pipe.tokenizer([""])[0], pipe.prediction, settings.snr_gamma, settings.uncond_prob)
+                                   pipe.tokenizer([""])[0], pipe.prediction, settings.snr_gamma, settings.uncond_prob,
+                                   pipe.layout)
     if settings.kind == "lora":
         torch.manual_seed(config.seed)
         parts = {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder} if settings.train_text_encoder else {})}

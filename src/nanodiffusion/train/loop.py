@@ -3,14 +3,15 @@
 An objective is an `nn.Module` whose forward takes a batch and returns `(loss, logs)`, so DDP wraps
 it whole. Each step: warm-up + cosine learning rate, `grad_accum` micro-batches (gradients synced
 on the last one only), clipping, AdamW, EMA. Every `log_every` steps a CSV row, every
-`checkpoint_every` steps an accelerate state (weights, optimizer, EMA, RNG of every process) written
-atomically (a temporary folder renamed into place), every `preview_every` steps a preview image.
+`checkpoint_every` steps the training state (weights, optimizer, EMA, RNG of every process; state.py:
+safetensors + JSON, never pickles) written atomically (a temporary folder renamed into place), every `preview_every` steps a preview image.
 Starting again in the same output folder resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import shutil
@@ -27,8 +28,10 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import NanoDiffusionError
 from .ema import EMA
 from .lr import lr_factor
+from .state import Stateful, load_training_state, save_training_state
 
 Batch = dict[str, torch.Tensor]
 BatchFn = Callable[[int, int, int, int], Batch]  # (step, micro, rank, world) -> batch
@@ -59,6 +62,31 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that would crash or silently break a run (zero counts, non-finite rates) before it starts."""
+    counts = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
+              "--log-every": config.log_every, "--checkpoint-every": config.checkpoint_every,
+              "--keep-checkpoints": config.keep_checkpoints}
+    for flag, value in counts.items():
+        if value < 1:
+            raise NanoDiffusionError(f"{flag} {value} is not allowed: use 1 or more")
+    if config.warmup < 0 or config.preview_every < 0:
+        raise NanoDiffusionError("--warmup and --preview-every must not be negative (--preview-every 0: no previews)")
+    if config.threads is not None and config.threads < 1:
+        raise NanoDiffusionError(f"--threads {config.threads} is not allowed: use 1 or more")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise NanoDiffusionError(f"--lr {config.lr} is not allowed: use a positive number such as 1e-4")
+    if not 0 <= config.ema_decay <= 1:
+        raise NanoDiffusionError(f"--ema-decay {config.ema_decay} is not allowed: use a number from 0 to 1")
+    finite = {"weight_decay": config.weight_decay, "grad_clip": config.grad_clip, "min_lr_ratio": config.min_lr_ratio}
+    for name, value in finite.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise NanoDiffusionError(f"{name} {value} is not allowed: use a finite number, 0 or more")
+
 
 class Progress:
     """The optimizer step counter, saved with every checkpoint."""
@@ -70,7 +98,7 @@ class Progress:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+        self.step = int(state["step"])
 
 
 def last_checkpoint(output: Path) -> Path | None:
@@ -80,15 +108,17 @@ def last_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, output: Path, step: int, keep: int) -> Path:
-    """Write the full training state to a temporary folder, then rename it into place; prune old ones."""
+def save_checkpoint(accelerator: Accelerator, output: Path, step: int, keep: int, model: nn.Module,
+                    objects: dict[str, Stateful]) -> Path:
+    """Write the full training state (state.py: safetensors + JSON) to a temporary folder, then rename it into
+    place; prune old ones."""
     root = Path(output) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    save_training_state(tmp, accelerator.unwrap_model(model), objects, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -142,12 +172,13 @@ def train(objective: nn.Module, batches: BatchFn, config: TrainConfig, *,
     model, optimizer = accelerator.prepare(objective, optimizer)
     ema.model.load_state_dict(accelerator.unwrap_model(model).state_dict())  # rank 0's weights after DDP's broadcast
     progress = Progress()
-    accelerator.register_for_checkpointing(ema, progress)
+    state = {"optimizer": optimizer, "ema": ema, "progress": progress,
+             **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
     set_seed(config.seed + rank)
 
     resume = last_checkpoint(output)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_training_state(resume, accelerator.unwrap_model(model), state, rank)
         accelerator.print(f"resumed from {resume} (step {progress.step})")
 
     log = CSVLog(output / "log.csv")
@@ -190,7 +221,7 @@ def train(objective: nn.Module, batches: BatchFn, config: TrainConfig, *,
                            "sec_per_step": round((now - last) / count, 4), "elapsed_s": round(now - started, 1)})
             sums, count, last = {}, 0, now
         if progress.step % config.checkpoint_every == 0 or progress.step == config.steps:
-            save_checkpoint(accelerator, output, progress.step, config.keep_checkpoints)
+            save_checkpoint(accelerator, output, progress.step, config.keep_checkpoints, model, state)
         if preview is not None and config.preview_every > 0 and accelerator.is_main_process and (
                 progress.step % config.preview_every == 0 or progress.step == config.steps):
             try:

@@ -1,0 +1,79 @@
+"""Compute precision: float32 (the parity-exact path) or bfloat16 where Stable Diffusion tolerates it.
+
+bfloat16 keeps float32's exponent with an 8-bit significand; CPUs with AVX512-BF16 (or AMX) multiply it at 2-4x
+the float32 rate. `compute_in(model, bfloat16)` converts a network's convolution and linear weights to bfloat16
+and casts its inputs, so activations flow in bfloat16 through the convolutions, matmuls and attention, while
+what SD needs in float32 stays there: group / layer norm parameters and statistics (PyTorch accumulates the
+statistics of bfloat16 inputs in float32), the attention softmax (accumulated in float32 by the CPU SDPA
+kernel), the timestep embedding (sinusoid and MLP; `keep`), the sampler arithmetic (the network output is cast
+back to float32) and the text encoder (weights stored in bfloat16, computed in float32: storage.py). The
+measured cost is in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import choice_error
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_MIN_PARAMETERS = 100_000_000   # SD 1.x / 2.x UNets have 860M; the built-in model's has a few million
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def default_precision(parameters: int) -> str:
+    """bfloat16 for SD-size networks (`parameters` in the UNet) on CPUs that compute it natively, where it is
+    faster at an invisible cost; float32 elsewhere and for small networks such as the built-in model, whose
+    small kernels gain nothing from it (docs/performance.md)."""
+    return "bfloat16" if parameters >= BF16_MIN_PARAMETERS and cpu_has_bfloat16() else "float32"
+
+
+def precision_dtype(name: str | None, parameters: int) -> torch.dtype:
+    """The compute dtype of a precision name; None picks default_precision(parameters)."""
+    name = default_precision(parameters) if name is None else name
+    if name not in PRECISIONS:
+        raise choice_error("precision", name, list(PRECISIONS))
+    return PRECISIONS[name]
+
+
+def cast_floats(value: object, dtype: torch.dtype) -> object:
+    """Floating-point tensors (also inside lists / tuples) in dtype; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    return value
+
+
+@torch.no_grad()
+def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
+               keep_args: tuple[int, ...] = ()) -> nn.Module:
+    """Run `model` in `dtype`: its Conv2d / Linear weights and biases become dtype (but under the submodules
+    named in `keep`), its floating inputs are cast to dtype on the way in (but positional arguments `keep_args`,
+    e.g. the timestep) and its output back to float32 on the way out. float32 leaves the model unchanged."""
+    if dtype == torch.float32:
+        return model
+    kept = [module for name in keep for module in model.get_submodule(name).modules()]
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not any(module is k for k in kept):
+            module.to(dtype)
+
+    def cast_inputs(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = tuple(a if i in keep_args else cast_floats(a, dtype) for i, a in enumerate(args))
+        return args, {k: v if k == "timestep" else cast_floats(v, dtype) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    model.register_forward_hook(lambda _, __, out: cast_floats(out, torch.float32))
+    return model

@@ -1,0 +1,97 @@
+"""The layout stage (models/layout.py): box coding, painting, the box flow model, and a Pipeline that uses it."""
+
+from __future__ import annotations
+
+import torch
+
+from nanodiffusion.data.shapes import ShapesDataset, scene_boxes, scene_caption
+from nanodiffusion.models.layout import LayoutConfig, LayoutModel, denormalize_boxes, normalize_boxes
+
+TINY = LayoutConfig(context_dim=8, dim=32, heads=2, slot_layers=1, box_layers=2, map_channels=3, sample_steps=16)
+
+
+def test_box_coding_round_trips_and_marks_absent_slots():
+    boxes = torch.tensor([[[1.0, 0.3, 0.7, 0.2], [1.0, 0.9, 0.1, 0.12], [0.0, 0.0, 0.0, 0.0]]])
+    v = normalize_boxes(boxes)
+    assert v[0, 2].tolist() == [-1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(denormalize_boxes(v), boxes)
+
+
+def test_scene_boxes_follow_the_prompt_order():
+    scene, text = scene_caption(0, "train", 7)
+    boxes = scene_boxes(scene)
+    assert len(boxes) == 4 and sum(b[0] for b in boxes) == len(scene.objects)
+    assert [(b[1], b[2]) for b in boxes[: len(scene.objects)]] == [(o.cx, o.cy) for o in scene.objects]
+    assert ShapesDataset(10).boxes(7) == boxes
+
+
+def test_paint_fills_each_box_with_its_slot_feature_and_nothing_elsewhere():
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    slots = torch.randn(1, 4, TINY.dim)
+    boxes = torch.tensor([[[1.0, 0.25, 0.25, 0.15], [1.0, 0.75, 0.75, 0.15], [0.0, 0.5, 0.5, 0.3],
+                           [0.0, 0.0, 0.0, 0.0]]])
+    painted = model.paint(boxes, slots, 16, 16)
+    features = model.map_proj(slots)[0]
+    torch.testing.assert_close(painted[0, :, 4, 4], features[0], atol=0.02, rtol=0.02)   # centre of box 0 (soft edge)
+    torch.testing.assert_close(painted[0, :, 12, 12], features[1], atol=0.02, rtol=0.02)
+    assert painted[0, :, 4, 12].abs().max() < 1e-3   # outside both boxes; the absent slot paints nothing
+    assert painted[0, :, 8, 8].abs().max() < 1e-3
+
+
+def test_box_flow_learns_a_layout_per_text():
+    """Two texts, one box layout each: after training, sampling from any noise lands on the right layout."""
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    context = torch.randn(2, 5, TINY.context_dim)
+    target = torch.tensor([[[1.0, 0.3, 0.3, 0.2], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                           [[1.0, 0.7, 0.2, 0.15], [1.0, 0.3, 0.8, 0.15], [0.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.0, 0.0, 0.0]]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model.flow_loss(target.repeat(16, 1, 1), model.read_slots(context.repeat(16, 1, 1)),
+                               context.repeat(16, 1, 1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        sampled = model.sample_boxes(model.read_slots(context), context, torch.randn(2, 4, 4))
+    assert sampled[:, :, 0].tolist() == target[:, :, 0].tolist()   # the right slots are present
+    present = target[:, :, 0] > 0
+    assert (sampled[present][:, 1:] - target[present][:, 1:]).abs().max() < 0.05
+
+
+def test_pipeline_with_a_layout_stage_generates_and_guides_with_a_blank_map(tmp_path):
+    from tests.tiny import tiny_pipeline
+
+    from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+    from nanodiffusion.pipeline import Pipeline
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(1)
+    context_dim = pipe.text_encoder.config.hidden_size
+    pipe.layout = LayoutModel(LayoutConfig.from_dict({**TINY.__dict__, "context_dim": context_dim})).eval()
+    config = UNetConfig.tiny(sample_size=16)
+    config.in_channels = 4 + TINY.map_channels
+    config.cross_attention_dim = context_dim
+    pipe.unet = UNet2DConditionModel(config).eval()
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, context: seen.append(x[:, 4:].clone()) or forward(x, t, context)
+    first = pipe("a red circle above a blue square", steps=3, sampler="euler", seed=5, cfg=3.0)[0]
+    uncond, cond = seen[0].chunk(2)
+    assert uncond.abs().max() == 0 and cond.abs().max() > 0   # CFG's unconditional branch sees no slot map
+    again = pipe("a red circle above a blue square", steps=3, sampler="euler", seed=5, cfg=3.0)[0]
+    assert first.tobytes() == again.tobytes()
+    assert isinstance(pipe, Pipeline)
+
+
+def test_overlapping_footprints_mix_features_instead_of_adding_them():
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    slots = torch.randn(1, 4, TINY.dim)
+    same_place = torch.tensor([[[1.0, 0.5, 0.5, 0.2], [1.0, 0.5, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0],
+                                [0.0, 0.0, 0.0, 0.0]]])
+    painted = model.paint(same_place, slots, 16, 16)[0, :, 8, 8]
+    features = model.map_proj(slots)[0]
+    torch.testing.assert_close(painted, (features[0] + features[1]) / 2, atol=1e-4, rtol=1e-4)
