@@ -115,7 +115,7 @@ def _open(path: Path):
 def sd_difference(weights: Path) -> tuple[list[dict], dict]:
     """CPU time and difference to the exact image per configuration on the random SD 1.5 model, plus the
     preview decoder against the VAE on the exact run's last x0 estimate."""
-    pipe = Pipeline.load(weights)
+    pipe = Pipeline.load(weights, precision="float32")
     kw = dict(steps=SD_STEPS, sampler="euler", cfg=CFG, seed=SEED, width=SD_SIZE, height=SD_SIZE)
     pipe(PROMPT, NEGATIVE, **{**kw, "steps": 1})   # warm-up (packs the weights)
     rows, exact, last = [], None, {}
@@ -157,7 +157,7 @@ def as_image(t: torch.Tensor) -> np.ndarray:
 def tome_unet_step(weights: Path, size: int = 512, ratios: tuple[float, ...] = (0.5, 0.75)) -> list[dict]:
     """Token merging where attention is big: one SD UNet step at `size` px (batch 2), exact and merged, CPU
     seconds (median of 2 after a warm-up) and the relative difference of the noise prediction."""
-    unet = Pipeline.load(weights).unet
+    unet = Pipeline.load(weights, precision="float32").unet
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 4, size // 8, size // 8, generator=g), torch.tensor([500.0, 500.0]),
             torch.randn(2, 77, 768, generator=g))
@@ -182,7 +182,7 @@ def storage_unet_step(weights: Path, size: int = SD_SIZE) -> list[dict]:
     rows, exact = [], None
     for dtype, packed in (("float32", True), ("float32", False), ("bfloat16", True), ("float16", True)):
         PackedWeight.enabled = packed
-        unet = Pipeline.load(weights, weights_dtype=dtype).unet
+        unet = Pipeline.load(weights, weights_dtype=dtype, precision="float32").unet
         with torch.no_grad():
             result = timed(lambda: unet(*args), 2)
         out = result.pop("output")
@@ -211,7 +211,7 @@ def memory_worker(spec: dict) -> dict:
                         height=MEMORY_SIZE, width=MEMORY_SIZE, generator=torch.Generator().manual_seed(SEED))
     else:
         PackedWeight.enabled = spec["packed"]
-        pipe = Pipeline.load(spec["weights"], weights_dtype=spec["dtype"])
+        pipe = Pipeline.load(spec["weights"], weights_dtype=spec["dtype"], precision="float32")
         load = time.perf_counter() - start
 
         def generate():

@@ -13,9 +13,14 @@ its peak RSS is that side's alone. Measured (fp32, all cores torch uses):
     UNet2DConditionModel of the same config and weights in the same loop;
   * max |ours - diffusers| of every output (parity, same inputs).
 Writes docs/performance.json and the tables into docs/performance.md (between its result markers).
+`--whole` instead runs whole processes as a CLI user does (import + load + one DDIM image with CFG + save, one
+process per image: `nanodiff generate` against a diffusers script) at float32 and bfloat16, 4 and 20 steps,
+256 and 512 px (`--sizes`, `--steps`), with each process's wall / CPU seconds and peak RSS, the PSNR of each
+side's bfloat16 image to its own float32 image, and max |ours - diffusers| of the float32 images.
 
     python benchmarks/perf.py            # full: 256 and 512 px (about 25 minutes on 2 cores)
     python benchmarks/perf.py --quick    # 256 px only, fewer repeats (about 6 minutes)
+    python benchmarks/perf.py --whole    # whole-process rows (--sizes 256 --steps 4 for the shortest)
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ PROMPT, NEGATIVE, SEED, CFG, STEPS = "a photograph of an astronaut riding a hors
 BEGIN, END = "<!-- perf.py results: begin -->", "<!-- perf.py results: end -->"
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                     num_train_timesteps=1000)
+# runwayml/stable-diffusion-v1-5's published scheduler config (no timestep_spacing: each scheduler's default)
+SD15_SCHEDULER_CONFIG = ('{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, '
+                         '"beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000, '
+                         '"set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, '
+                         '"trained_betas": null, "clip_sample": false}')
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -68,6 +78,7 @@ def make_weights(folder: Path) -> Path:
         scheduler=diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(SD15_SCHEDULER_CONFIG)
     return folder
 
 
@@ -154,7 +165,7 @@ def measure_txt2img(side: str, size: int, folder: Path) -> dict:
                         output_type="np").images[0]
     else:
         from nanodiffusion.pipeline import Pipeline
-        pipe = Pipeline.load(folder)
+        pipe = Pipeline.load(folder, precision="float32")
 
         def generate(steps: int):
             image = pipe(PROMPT, NEGATIVE, steps=steps, sampler="euler", cfg=CFG, seed=SEED, width=size,

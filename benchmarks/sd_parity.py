@@ -158,7 +158,7 @@ def single_file_images(folder: Path, file: Path, spec: dict, sampler: tuple, siz
     save_file({k: t.contiguous() for k, t in diffusers_to_original(parts).items()}, file)
     del parts
     gc.collect()
-    pipe = Pipeline.load(file, prediction=spec["prediction"])
+    pipe = Pipeline.load(file, prediction=spec["prediction"], precision="float32")
     return pixels(pipe(PROMPT, NEGATIVE, steps=steps, sampler=sampler[0], schedule=sampler[1], cfg=7.0, seed=42,
                        width=size, height=size))
 
@@ -179,7 +179,7 @@ def run_version(name: str, spec: dict, size: int, steps: int, n_samplers: int, w
                                  samplers, size, steps, log)
     del ref
     gc.collect()
-    got = our_outputs(Pipeline.load(folder), x, samplers, size, steps)
+    got = our_outputs(Pipeline.load(folder, precision="float32"), x, samplers, size, steps)
     gc.collect()
     modules = []
     for module in MODULES:

@@ -46,7 +46,7 @@ def test_video(path: Path, frames: int, size: int) -> list:
         square = Obj("square", "blue", 0.16, 0.5 - 0.25 * math.sin(phase + 0.7), 0.73)
         writer.write(render(Scene((circle, square), prompt=None), size))
     writer.close()
-    return list(read_frames(path, size))
+    return list(read_frames(path))
 
 
 def psnr(a, b) -> float:
@@ -78,12 +78,14 @@ def quality(outputs: list, reference: list, lag: int, reference_lag: int) -> dic
             "psnr_db": sum(finite) / len(finite) if finite else float("inf")}
 
 
-def builtin_setup():
-    """The built-in model, its tiny VAE (if one fits) and the all-ideas settings."""
+def builtin_setup(tiny_vae: str | None = None):
+    """The built-in model, its tiny VAE (the shipped one if it fits, or `tiny_vae` unchecked: for speed only) and
+    the all-ideas settings."""
+    from nanodiffusion.models.tiny_vae import TinyAutoencoder
     from nanodiffusion.pipeline import Pipeline
 
     pipe = Pipeline.load()
-    tiny = load_tiny_vae(pipe, "auto")
+    tiny = TinyAutoencoder.load(tiny_vae) if tiny_vae else load_tiny_vae(pipe, "auto")
     return pipe, tiny, dataclasses.replace(FAST, tiny_vae=tiny is not None)
 
 
@@ -95,11 +97,18 @@ def row(pipe, steps: int, name: str, summary: dict) -> dict:
     return out
 
 
-def headline_rows(frames: list, steps_list: list[int]) -> list[dict]:
-    """All ideas on, the whole test video, at each number of steps: the speed target."""
-    pipe, tiny, fast = builtin_setup()
-    return [row(pipe, steps, "all ideas", measure(pipe, frames, dataclasses.replace(fast, steps=steps), tiny)[0])
-            for steps in steps_list]
+def headline_rows(frames: list, steps_list: list[int], tiny_vae: str | None, filters: list[float]) -> list[dict]:
+    """All ideas on, the whole test video, at each number of steps, with the similarity filter at each threshold
+    (0: off): the speed target."""
+    pipe, tiny, fast = builtin_setup(tiny_vae)
+    rows = []
+    for steps in steps_list:
+        for similarity in filters:
+            name = "all ideas" if similarity == fast.similarity else (
+                "all ideas - similarity filter" if similarity == 0 else f"all ideas, similarity {similarity:g}")
+            settings = dataclasses.replace(fast, steps=steps, similarity=similarity)
+            rows.append(row(pipe, steps, name, measure(pipe, frames, settings, tiny)[0]))
+    return rows
 
 
 def quality_rows(frames: list, steps_list: list[int]) -> list[dict]:
@@ -149,13 +158,13 @@ def sd_pipeline(size: int):
                     name="sd15-random", default_size=size)
 
 
-def sd_rows(frames_per_run: int, sizes: list[int], video: Path) -> list[dict]:
-    """The SD-size model: slow path vs stream batch + residual CFG, 1 and 4 steps (full VAE: no tiny one fits)."""
+def sd_rows(frames_per_run: int, sizes: list[int], video: Path, steps_list: list[int]) -> list[dict]:
+    """The SD-size model: slow path vs stream batch + residual CFG (full VAE: no tiny one fits random weights)."""
     rows = []
     for size in sizes:
         pipe = sd_pipeline(size)
         frames = test_video(video.with_name(f"sd-{size}.mp4"), frames_per_run, size)
-        for steps in (1, 4):
+        for steps in steps_list:
             for name, settings in (("slow path", dataclasses.replace(SLOW, steps=steps, size=size)),
                                    ("all ideas", dataclasses.replace(FAST, steps=steps, size=size, tiny_vae=False,
                                                                      similarity=0.0))):
@@ -166,6 +175,41 @@ def sd_rows(frames_per_run: int, sizes: list[int], video: Path) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def tiny_vae_rows(tiny_path: str, vae_path: str | None, n: int) -> list[dict]:
+    """A tiny VAE against its teacher on n shapes scenes it was not trained on: PSNR of its decoding of the
+    teacher's latents and of its own round trip to the teacher's round trip; CPU ms per 1-image encode + decode."""
+    import time
+
+    from nanodiffusion.images import to_pil
+    from nanodiffusion.models.tiny_vae import TinyAutoencoder
+    from nanodiffusion.train.data import collate, open_dataset
+    from nanodiffusion.train.tiny_vae import load_teacher
+
+    teacher, size = load_teacher(None, vae_path)
+    tiny = TinyAutoencoder.load(tiny_path)
+    images, _ = collate(open_dataset(None, size=size, length=n, seed=12345), torch.arange(n))
+    scale = teacher.config.scaling_factor
+    z = teacher.encode(images).mode() * scale
+    reference = to_pil(teacher.decode(z / scale).clamp(-1, 1))
+    decoded, round_trip = to_pil(tiny.decode(z)), to_pil(tiny.decode(tiny.encode(images)))
+
+    def cpu_ms(encode, decode) -> float:
+        start = time.process_time()
+        for image in images.split(1):
+            decode(encode(image))
+        return (time.process_time() - start) / n * 1000
+
+    rows = []
+    for name, outputs in (("tiny decoder on the teacher's latents", decoded), ("tiny encoder + decoder", round_trip)):
+        rows.append({"model": "tiny VAE vs its teacher", "size": size, "steps": 0, "config": name, "frames": n,
+                     "psnr_db": sum(psnr(a, b) for a, b in zip(outputs, reference)) / n})
+    rows[0]["cpu_ms_teacher"] = cpu_ms(lambda x: teacher.encode(x).mode(), teacher.decode)
+    rows[0]["cpu_ms_tiny"] = cpu_ms(tiny.encode, tiny.decode)
+    print(json.dumps(rows), flush=True)
+    return rows
+
+
 def cell(r: dict, key: str, spec: str) -> str:
     """A table cell, or — where the row has no such value."""
     return format(r[key], spec) if key in r and math.isfinite(r[key]) else "—"
@@ -173,13 +217,15 @@ def cell(r: dict, key: str, spec: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """docs/stream.md's table."""
-    lines = ["| model | px | steps | config | frames | FPS (wall) | CPU FPS | CPU FPS, median frame | latency median "
+    lines = ["| model | px | steps | config | frames | FPS (wall) | CPU FPS | CPU FPS, median frame | CPU FPS, "
+             "fastest 10% frame | latency median "
              "(ms) | p95 (ms) | skipped | load avg | evaluator | PSNR to slow path (dB) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(" | ".join([
             f"| {r['model']}", str(r["size"]), str(r["steps"]), r["config"], str(r["frames"]), cell(r, "fps", ".2f"),
-            cell(r, "cpu_fps", ".1f"), cell(r, "cpu_fps_median_frame", ".1f"), cell(r, "latency_ms_median", ".0f"),
+            cell(r, "cpu_fps", ".1f"), cell(r, "cpu_fps_median_frame", ".1f"), cell(r, "cpu_fps_p10_frame", ".1f"),
+            cell(r, "latency_ms_median", ".0f"),
             cell(r, "latency_ms_p95", ".0f"), cell(r, "skipped", "d"), cell(r, "load_before", ".1f"),
             cell(r, "evaluator", ".0%"), cell(r, "psnr_db", ".1f") + " |"]))
     return "\n".join(lines)
@@ -187,11 +233,17 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["headline", "quality", "sd", "table"],
+    parser.add_argument("part", choices=["headline", "quality", "sd", "tiny", "table"],
                         help="headline: all ideas over the whole video; quality: slow path and each idea; "
-                             "sd: the SD-size model; table: print the markdown table of the JSON files given")
+                             "sd: the SD-size model; tiny: --tiny-vae against its teacher (--vae, default the "
+                             "built-in's); table: print the markdown table of the JSON files given")
+    parser.add_argument("--vae", default=None, metavar="FOLDER", help="tiny: the teacher VAE folder")
     parser.add_argument("--frames", type=int, default=300, help="frames of the test video")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--tiny-vae", default=None, metavar="FOLDER",
+                        help="headline: time this tiny VAE whatever VAE it was made for (speed only)")
+    parser.add_argument("--similarity", type=float, nargs="+", default=[FAST.similarity, 0.0],
+                        help="headline: similarity filter thresholds to run (0: off)")
     parser.add_argument("--sd-sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--json", nargs="+", default=[str(DOCS / "stream.json")],
                         help="where the rows go (table: the files to read)")
@@ -201,11 +253,14 @@ def main() -> None:
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part == "sd":
-            rows = sd_rows(args.frames, args.sd_sizes, Path(tmp) / "sd.mp4")
+        if args.part == "tiny":
+            rows = tiny_vae_rows(args.tiny_vae, args.vae, args.frames)
+        elif args.part == "sd":
+            rows = sd_rows(args.frames, args.sd_sizes, Path(tmp) / "sd.mp4", args.steps)
         else:
             frames = test_video(Path(tmp) / "builtin.mp4", args.frames, 64)
-            rows = (headline_rows if args.part == "headline" else quality_rows)(frames, args.steps)
+            rows = (headline_rows(frames, args.steps, args.tiny_vae, args.similarity) if args.part == "headline"
+                    else quality_rows(frames, args.steps))
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "threads": torch.get_num_threads(), "part": args.part}
     Path(args.json[0]).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -54,11 +54,11 @@ def test_attention_maps_are_distributions_over_tokens_and_hooks_go_away():
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
     from nanodiffusion.pipeline import Pipeline
     from nanodiffusion.server.app import create_app
 
-    with TestClient(create_app(Pipeline.load(), outputs="/tmp/nanodiffusion-test-learn")) as client:
+    with TestClient(create_app(Pipeline.load(), outputs=tmp_path_factory.mktemp("outputs"))) as client:
         yield client
 
 

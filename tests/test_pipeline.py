@@ -7,7 +7,7 @@ from PIL import Image
 from tiny import tiny_pipeline
 
 from nanodiffusion.errors import NanoDiffusionError
-from nanodiffusion.images import save_png
+from nanodiffusion.images import save_png, to_pil, to_tensor
 from nanodiffusion.lora_files import save_lora
 from nanodiffusion.models.lora import create_lora
 from nanodiffusion.pipeline import Interrupted, Pipeline, PromptWarning
@@ -45,25 +45,44 @@ def test_png_parameters_round_trip(pipe, tmp_path):
     assert settings["Schedule type"] == "Karras" and settings["Model hash"] == "0123456789"
 
 
-def test_emphasis_changes_the_image(pipe):
-    plain = pixels(pipe("a red circle", steps=3, seed=1))
-    weighted = pixels(pipe("a (red:1.5) circle", steps=3, seed=1))
-    assert not torch.equal(plain, weighted)
+def test_emphasis_changes_the_image_only_through_the_weighted_word(pipe):
+    plain, neutral, red, circle = (pixels(pipe(text, steps=3, seed=1)) for text in (
+        "a red circle", "a (red:1.0) circle", "a (red:1.5) circle", "a red (circle:1.5)"))
+    assert torch.equal(plain, neutral)  # weight 1 is the plain prompt: the syntax itself changes nothing
+    assert (red - plain).abs().mean() > 1 and (circle - plain).abs().mean() > 1 and (red - circle).abs().mean() > 1
 
 
 def test_every_sampler_runs(pipe):
     from nanodiffusion.samplers import SAMPLERS
 
     for name in SAMPLERS:
-        image = pipe("a red circle", steps=4, seed=2, sampler=name)[0]
-        assert image.size == (SIZE, SIZE)
+        image = pixels(pipe("a red circle", steps=4, seed=2, sampler=name))
+        assert image.shape == (1, SIZE, SIZE, 3) and image.std() > 5, name  # not flat, not black
+        assert torch.equal(image, pixels(pipe("a red circle", steps=4, seed=2, sampler=name))), name  # seeded
 
 
-def test_img2img_and_inpaint_run(pipe):
+def test_img2img_runs(pipe):
+    init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    assert pipe("a circle", steps=4, seed=3, init_image=init, strength=0.5)[0].size == (SIZE, SIZE)
+
+
+def test_inpaint_keeps_the_unmasked_region_and_repaints_the_masked_one(pipe, monkeypatch):
     init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
     mask = Image.new("L", (SIZE, SIZE), 0)
-    assert pipe("a circle", steps=4, seed=3, init_image=init, strength=0.5)[0].size == (SIZE, SIZE)
-    assert pipe("a circle", steps=4, seed=3, init_image=init, mask=mask)[0].size == (SIZE, SIZE)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE))  # repaint the left half
+    final, decode = {}, pipe.decode
+
+    def keep_final(latents):
+        final["latents"] = latents.clone()
+        return decode(latents)
+
+    monkeypatch.setattr(pipe, "decode", keep_final)
+    image = pipe("a circle", steps=4, seed=3, sampler="euler", init_image=init, mask=mask)[0]
+    known = pipe.encode_image(to_tensor(init), [torch.Generator().manual_seed(3)])
+    latents, half = final["latents"], known.shape[-1] // 2
+    assert torch.allclose(latents[..., half:], known[..., half:], atol=1e-5)  # kept: the encoded init image
+    assert (latents[..., :half] - known[..., :half]).abs().mean() > 0.5  # repainted
+    assert torch.equal(pixels([image]), pixels(to_pil(decode(latents))))
 
 
 def test_lora_changes_output_and_is_removed_afterwards(pipe, tmp_path):

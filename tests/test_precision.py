@@ -6,9 +6,15 @@ import torch
 
 from nanodiffusion import precision
 from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.models import resnet
 from nanodiffusion.pipeline import Pipeline
 from nanodiffusion.precision import compute_in, default_precision, precision_dtype
 from tiny import tiny_pipeline
+
+
+def packed_dtype(layer: torch.nn.Module) -> torch.dtype:
+    """The dtype a layer's oneDNN-packed weight was made for."""
+    return resnet._packed[layer][0][2]
 
 
 def test_bfloat16_unet_keeps_norms_time_embedding_and_output_in_float32():
@@ -18,10 +24,10 @@ def test_bfloat16_unet_keeps_norms_time_embedding_and_output_in_float32():
     t = torch.tensor([999.0, 3.0])
     full = unet(x, t, context)
     compute_in(unet, torch.bfloat16, keep=("time_embedding",), keep_args=(1,))
-    assert unet.conv_in.weight.dtype == unet.conv_in.bias.dtype == torch.bfloat16
-    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.dtype == torch.bfloat16
-    assert unet.time_embedding.linear_1.weight.dtype == torch.float32   # 999 is not a bfloat16 number
-    assert unet.conv_norm_out.weight.dtype == unet.down_blocks[0].resnets[0].norm1.weight.dtype == torch.float32
+    assert packed_dtype(unet.conv_in) == packed_dtype(unet.conv_out) == torch.bfloat16
+    assert packed_dtype(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k) == torch.bfloat16
+    assert packed_dtype(unet.time_embedding.linear_1) == torch.float32   # 999 is not a bfloat16 number
+    assert unet.conv_in.weight.dtype == unet.conv_norm_out.weight.dtype == torch.float32   # stored as loaded
     half = unet(x, t, context)
     assert half.dtype == torch.float32
     assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()
@@ -32,7 +38,9 @@ def test_pipeline_in_bfloat16_is_close_to_float32(tmp_path):
     for name in ("float32", "bfloat16"):
         pipe = Pipeline.load(precision=name)
         assert pipe.precision == name
-        assert pipe.unet.conv_in.weight.dtype == pipe.vae.decoder.conv_in.weight.dtype == precision_dtype(name, 0)
+        dtype = precision_dtype(name, 0)
+        assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype   # at load
+        assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
         assert pipe.text_encoder.text_model.final_layer_norm.weight.dtype == torch.float32
         images[name] = np.asarray(pipe("a red circle above a blue square", steps=6, seed=3)[0], dtype=np.float64)
     mse = ((images["float32"] - images["bfloat16"]) ** 2).mean()

@@ -126,6 +126,14 @@ def test_missing_keys_take_each_samplers_diffusers_defaults():
     assert SAMPLERS["heun"].schedule(NoiseSchedule.from_config({})).beta_end == 0.012
     assert SAMPLERS["lcm"].schedule(NoiseSchedule.from_config({})).beta_schedule == "scaled_linear"
     assert SAMPLERS["euler"].schedule(NoiseSchedule()).timestep_spacing == "leading"
+    # clip_sample: DDIM / DDPM default to clamping x0 to [-1, 1], LCM does not, Euler has no such key
+    bare = NoiseSchedule.from_config({"beta_schedule": "scaled_linear"})
+    wild = lambda x, sigma: 3 * x   # noqa: E731
+    x = torch.full((1, 2), 2.0)
+    assert SAMPLERS["ddim"].clipped(wild, SAMPLERS["ddim"].schedule(bare))(x, 1.0).max() == 1.0
+    assert SAMPLERS["lcm"].clipped(wild, SAMPLERS["lcm"].schedule(bare))(x, 1.0).max() == 6.0
+    assert SAMPLERS["euler"].clipped(wild, SAMPLERS["euler"].schedule(bare)) is wild
+    assert not SAMPLERS["ddim"].schedule(NoiseSchedule.from_config({**sd15, "clip_sample": False})).clip_sample
 
 
 def test_bad_names_and_steps_raise_clear_errors():

@@ -13,7 +13,6 @@ import re
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from datetime import date
 
 import httpx
@@ -21,12 +20,13 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
+from serving import b64_png, running
 
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.images import to_pil
-from nanodiffusion.server.schema import Limits
 from nanodiffusion.server.app import create_app
 from nanodiffusion.server.guard import LOOPBACK_HOSTS, allowed_hosts_for
+from nanodiffusion.server.schema import Limits
 
 
 class FakePipeline:
@@ -84,32 +84,6 @@ class Recording:
 
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
-
-
-@contextmanager
-def running(app):
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
-
-
-def b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decode_png(text: str) -> Image.Image:
@@ -475,3 +449,185 @@ def test_controlnet_unit_reaches_the_pipeline(tmp_path):
         assert client.get("/api/config").json()["controlnet"] is True
     call = recorded.calls[-1]
     assert call["control_scale"] == 0.6 and call["control_image"].size == (64, 64)
+
+
+def post_raw(client: httpx.Client, path: str, raw: str) -> httpx.Response:
+    """POST a JSON text as is (NaN, Infinity and "\\ud800" escapes included)."""
+    return client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+
+
+def test_long_lora_tag_prompt_is_refused_before_parsing(server):
+    response = server.post("/sdapi/v1/txt2img", json={"prompt": "<lora:a" * 12_000, "steps": 1})
+    assert response.status_code == 422 and "prompt is 84000 characters" in response.json()["detail"]
+    response = server.post("/sdapi/v1/txt2img", json={"negative_prompt": "x " * 15_000, "steps": 1})
+    assert response.status_code == 422 and response.json()["detail"].startswith("negative prompt is 30000 characters")
+
+
+def test_image_work_runs_off_the_event_loop(server, monkeypatch):
+    import asyncio
+
+    from nanodiffusion.server import jobs
+
+    seen = []
+
+    def record(image, mask, request):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")
+        except RuntimeError:
+            seen.append("worker thread")
+        return image, mask
+
+    monkeypatch.setattr(jobs, "prepare_inpaint", record)
+    image = b64_png(Image.new("RGB", (64, 64)))
+    body = {"init_images": [image], "mask": image, "steps": 1}
+    assert server.post("/sdapi/v1/img2img", json=body).status_code == 200
+    assert server.post("/api/jobs", json=body).status_code == 200
+    assert seen == ["worker thread", "worker thread"]
+
+
+def test_options_are_validated_like_generation_fields(server, fake):
+    for raw in ('{"CLIP_stop_at_last_layers": 99}', '{"CLIP_stop_at_last_layers": Infinity}',
+                '{"CLIP_stop_at_last_layers": NaN}', '{"show_progress_every_n_steps": 0}',
+                '{"live_previews_enable": [1]}'):
+        response = post_raw(server, "/sdapi/v1/options", raw)
+        assert response.status_code == 422, raw
+        assert isinstance(response.json()["detail"], str) and raw[2:14] in response.json()["detail"]
+    assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    assert server.post("/sdapi/v1/txt2img", json={"steps": 1}).status_code == 200 and fake.calls[-1]["clip_skip"] == 1
+
+
+def test_clip_skip_beyond_the_models_layers_is_refused(tmp_path):
+    class Encoder:
+        config = type("Config", (), {"num_hidden_layers": 3})
+
+    pipe = FakePipeline()
+    pipe.text_encoder = Encoder()
+    with running(create_app(pipe, outputs=tmp_path)) as url, httpx.Client(base_url=url) as client:
+        response = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 4})
+        assert response.status_code == 422 and "use 1 to 3" in response.json()["detail"]
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3}).status_code == 200
+        response = client.post("/sdapi/v1/txt2img", json={"override_settings": {"CLIP_stop_at_last_layers": 5}})
+        assert response.status_code == 422 and "use 1 to 3" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("raw, where", [
+    ('{"cfg_scale": NaN}', "cfg_scale"), ('{"cfg_scale": Infinity}', "cfg_scale"),
+    ('{"eta": NaN, "sampler_name": "DPM++ SDE"}', "eta"), ('{"eta": 1e308}', "eta"),
+    ('{"hr_scale": -Infinity}', "hr_scale"), ('{"script_args": [1, [NaN]]}', "script_args[1][0]"),
+    ('{"override_settings": {"CLIP_stop_at_last_layers": Infinity}}', "CLIP_stop_at_last_layers"),
+    ('{"prompt": "a <lora:style:nan>"}', "LoRA weight nan"), ('{"prompt": "a <lora:style:1e308>"}', "LoRA weight"),
+    ('{"prompt": "a <lora:style:inf>"}', "LoRA weight inf"),
+    ('{"prompt": "(a:1.2.3)"}', "emphasis weight '1.2.3' is not a number"),
+    ('{"prompt": "(a:99999)"}', "emphasis weight 99999"),
+    ('{"prompt": "a \\ud800 b"}', "prompt holds an unpaired surrogate"),
+    ('{"negative_prompt": "\\udfff"}', "negative_prompt holds an unpaired surrogate"),
+    ('{"styles": ["\\ud800"]}', "styles[0]"), ('{"x\\ud800": 1}', "a key in the body"),
+    ('{"override_settings": {"CLIP_stop_at_last_layers": "x"}}', "override_settings.CLIP_stop_at_last_layers"),
+    ('{"override_settings": {"show_progress_every_n_steps": [1]}}', "show_progress_every_n_steps"),
+    ('{"override_settings": "fast"}', "override_settings"),
+    ('{"alwayson_scripts": {"ControlNet": [1]}}', "alwayson_scripts.controlnet must look like"),
+    ('{"alwayson_scripts": {"controlnet": {"args": "x"}}}', "alwayson_scripts.controlnet must look like"),
+    ('{"alwayson_scripts": []}', "alwayson_scripts"),
+])
+def test_bad_values_anywhere_are_one_line_422(server, raw, where):
+    body = json.loads(raw.replace("NaN", "0").replace("Infinity", "0").replace("\\ud800", "").replace("\\udfff", ""))
+    raw = raw[:-1] + (', "steps": 1}' if body else '"steps": 1}')
+    response = post_raw(server, "/sdapi/v1/txt2img", raw)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and where in detail
+
+
+def test_bad_controlnet_units_and_mask_blur_are_422(tmp_path):
+    steered = FakePipeline()
+    steered.controlnet = object()
+    image = b64_png(Image.new("RGB", (64, 64)))
+    with running(create_app(steered, outputs=tmp_path)) as url, httpx.Client(base_url=url) as client:
+        for weight, message in (("heavy", "must be a number"), (5, "out of range"), (True, "must be a number")):
+            unit = {"controlnet": {"args": [{"image": image, "weight": weight}]}}
+            response = client.post("/sdapi/v1/txt2img", json={"steps": 1, "alwayson_scripts": unit})
+            assert response.status_code == 422 and message in response.json()["detail"], weight
+        for blur in (1e20, -1, 65):
+            response = client.post("/sdapi/v1/img2img", json={"init_images": [image], "mask": image, "mask_blur": blur})
+            assert response.status_code == 422 and response.json()["detail"].startswith("mask_blur"), blur
+
+
+def test_loras_listing_survives_pt_ckpt_and_broken_files(tmp_path):
+    from safetensors.torch import save_file
+
+    loras = tmp_path / "loras"
+    (loras / "sub").mkdir(parents=True)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, loras / "good.safetensors",
+              metadata={"ss_network_dim": "1"})
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, loras / "old.pt")
+    (loras / "sub" / "older.ckpt").write_bytes(b"not even a zip")
+    (loras / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (loras / "empty.safetensors").write_bytes(b"")
+    pipe = FakePipeline()
+    pipe.lora_dir = loras
+    with running(create_app(pipe, outputs=tmp_path / "out")) as url, httpx.Client(base_url=url) as client:
+        response = client.get("/sdapi/v1/loras")
+        assert response.status_code == 200, response.text
+        listed = {item["name"]: (item["path"], item["metadata"]) for item in response.json()}
+        assert listed == {"broken": ("broken.safetensors", {}), "empty": ("empty.safetensors", {}),
+                          "good": ("good.safetensors", {"ss_network_dim": "1"}), "old": ("old.pt", {}),
+                          "older": ("sub/older.ckpt", {})}
+        assert str(tmp_path) not in response.text
+
+
+def test_error_messages_name_no_server_folder(tmp_path):
+    loras = tmp_path / "secret-place" / "loras"
+    loras.mkdir(parents=True)
+
+    class Failing(FakePipeline):
+        def __call__(self, prompt, negative_prompt="", **kwargs):
+            if "crash" in prompt:
+                raise RuntimeError(f"cannot open {tmp_path}/secret-place/model.bin")
+            raise NanoDiffusionError(f"{loras / 'x.safetensors'}: not a LoRA file")
+
+    pipe = Failing()
+    pipe.lora_dir = loras
+    with running(create_app(pipe, outputs=tmp_path / "out")) as url, httpx.Client(base_url=url) as client:
+        missing = client.post("/sdapi/v1/txt2img", json={"prompt": "<lora:nope>", "steps": 1})
+        assert missing.status_code == 422 and "no LoRA named 'nope' in the LoRA folder" in missing.json()["detail"]
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "fine", "steps": 1})
+        assert refused.status_code == 400
+        assert refused.json()["detail"] == "the LoRA folder/x.safetensors: not a LoRA file"
+        crashed = client.post("/sdapi/v1/txt2img", json={"prompt": "crash", "steps": 1})
+        assert crashed.status_code == 500 and crashed.json()["detail"].endswith("cannot open model.bin")
+        for response in (missing, refused, crashed):
+            assert "secret-place" not in response.text
+
+
+def test_no_redoc_and_no_framing(server):
+    assert server.get("/redoc").status_code == 404
+    for response in (server.get("/"), server.get("/sdapi/v1/samplers"), server.get("/docs"),
+                     server.post("/sdapi/v1/interrupt", headers={"Origin": "http://evil.example"})):
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
+def test_tiny_init_image_message_names_the_image(server):
+    tiny = b64_png(Image.new("RGB", (1, 1)))
+    response = server.post("/sdapi/v1/img2img", json={"init_images": [tiny], "steps": 1})
+    assert response.status_code == 422 and response.json()["detail"].startswith("init_images[0] is 1x1 pixels")
+    scaled = server.post("/sdapi/v1/img2img", json={"init_images": [tiny], "steps": 1, "width": 64, "height": 64})
+    assert scaled.status_code == 200
+
+
+def test_job_of_a_client_that_hangs_up_is_cancelled(slow):
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(str(slow.base_url) + "/sdapi/v1/txt2img", json={"steps": 150, "n_iter": 4}, timeout=0.5)
+    wait_for(lambda: slow.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0, timeout=3)
+    assert len(slow.pipe.calls) >= 1 and slow.pipe.calls[-1]["steps"] == 150
+
+
+def test_stalled_request_body_times_out(tmp_path):
+    with running(create_app(FakePipeline(), outputs=tmp_path, body_timeout=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"pro")
+            answer = sock.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer

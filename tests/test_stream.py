@@ -125,13 +125,13 @@ def test_video_in_video_out_and_folder_in_folder_out(pipe, tmp_path):
     for i in range(5):
         writer.write(Image.new("RGB", (SIZE, SIZE), (40 * i, 100, 200)))
     writer.close()
-    video = list(read_frames(tmp_path / "in.mp4", SIZE))
+    video = list(read_frames(tmp_path / "in.mp4"))
     assert len(video) == 5 and video[0].size == (SIZE, SIZE)
     engine = StreamDiffusion(pipe, StreamSettings(prompt="a red circle"))
     out = FrameWriter(tmp_path / "out")
     stats = run_stream(engine, video, out.write)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:05d}.png" for i in range(5)]
-    assert len(list(read_frames(tmp_path / "out", SIZE))) == 5
+    assert len(list(read_frames(tmp_path / "out"))) == 5
     summary = stats.summary()
     assert summary["frames"] == 5 and summary["fps"] > 0 and summary["latency_ms_p95"] >= summary["latency_ms_median"]
 
@@ -202,3 +202,21 @@ def test_live_tab_in_a_browser_diffuses_canvas_strokes_and_shows_fps(pipe, tmp_p
         assert len(set(outputs)) >= 2, "the diffused frames never changed"
         page.click("#live-start")   # stop
         browser.close()
+
+
+def test_stream_endpoint_answers_frames_and_refuses_bad_ones(pipe, tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from nanodiffusion.server.app import create_app
+
+    client = TestClient(create_app(pipe, outputs=tmp_path))
+    buffer = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(buffer, format="PNG")
+    answer = client.post("/api/stream/frame?prompt=a%20red%20circle&steps=1", content=buffer.getvalue())
+    assert answer.status_code == 200 and float(answer.headers["X-Stream-Ms"]) > 0
+    assert Image.open(io.BytesIO(answer.content)).size == (SIZE, SIZE)
+    assert client.post("/api/stream/frame", content=b"not an image").status_code == 400
+    refused = client.post("/api/stream/frame?steps=9", content=buffer.getvalue())
+    assert refused.status_code == 400 and "steps 9 is not allowed" in refused.json()["detail"]

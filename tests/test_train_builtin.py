@@ -6,12 +6,12 @@ import json
 
 from safetensors import safe_open
 
-from nanodiffusion.train.builtin import (BUILTIN_DIR, BUILTIN_SCHEDULER, BUILTIN_TEXT_ENCODER, BUILTIN_UNET,
-                                         BUILTIN_VAE)
+from nanodiffusion.train.builtin import (BUILTIN_DIR, BUILTIN_LAYOUT, BUILTIN_SCHEDULER, BUILTIN_TEXT_ENCODER,
+                                         BUILTIN_UNET, BUILTIN_VAE)
 
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-           "text_encoder": "model.safetensors"}
-RECIPES = {"unet": BUILTIN_UNET, "vae": BUILTIN_VAE, "text_encoder": BUILTIN_TEXT_ENCODER}
+           "text_encoder": "model.safetensors", "layout": "diffusion_pytorch_model.safetensors"}
+RECIPES = {"unet": BUILTIN_UNET, "vae": BUILTIN_VAE, "text_encoder": BUILTIN_TEXT_ENCODER, "layout": BUILTIN_LAYOUT}
 
 
 def test_shipped_folder_is_small_fp16_and_follows_the_recipe():

@@ -90,13 +90,26 @@ def test_full_size_presets_have_diffusers_keys_and_shapes(preset):
             == {k: v.shape for k, v in reference.state_dict().items()})
 
 
-def test_upcast_attention_runs_in_half_precision():
-    config = UNetConfig.tiny(**SD2)
+@pytest.mark.parametrize("upcast", [True, False])
+def test_upcast_attention_runs_in_half_precision(monkeypatch, upcast):
+    """upcast_attention (SD 2.x) computes every attention in float32 on half-precision inputs; without it, in bf16."""
+    config = UNetConfig.tiny(**{**SD2, "upcast_attention": upcast})
     _, ours = pair(config)
     x, context = inputs(config, batch=1)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         half = ours.to(torch.bfloat16)(x.bfloat16(), 10, context.bfloat16())
         full = ours.float()(x, 10, context)
+    calls = len(seen) // 2  # the bf16 run's calls come first
+    expected = torch.float32 if upcast else torch.bfloat16
+    assert calls > 0 and seen[:calls] == [(expected,) * 3] * calls
     assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.2
 
 

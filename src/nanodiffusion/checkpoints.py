@@ -309,11 +309,14 @@ def part_weights(folder: Path) -> Path:
 def read_json(path: Path) -> dict:
     """A JSON config file, with a one-line error when it is missing or broken."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise NanoDiffusionError(f"{path}: missing; the diffusers folder is incomplete") from None
     except json.JSONDecodeError as e:
         raise NanoDiffusionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise NanoDiffusionError(f"{path}: not a config (a JSON object of settings); the folder is damaged")
+    return data
 
 
 def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -82,6 +82,8 @@ def check_writable_folder(folder: Path, what: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe.open("wb").close()
         probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise NanoDiffusionError(f"cannot write {what}: {folder} is not a folder (a file is in the way)") from None
     except OSError as error:
         raise NanoDiffusionError(f"cannot write {what}: {error.strerror or error} ({folder})") from None
 

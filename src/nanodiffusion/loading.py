@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -15,7 +16,7 @@ from .models.layout import LayoutConfig, LayoutModel
 from .models.tokenizers import load_tokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
-from .precision import compute_in, precision_dtype
+from .precision import precision_dtype, set_precision
 from .schedules import NoiseSchedule
 from .storage import store_weights
 from .storage import weights_dtype as parse_weights_dtype
@@ -24,6 +25,7 @@ BUILTIN = Path(__file__).parent / "weights" / "builtin"
 # Networks with more parameters are built on the meta device; smaller ones initialise faster than the meta
 # device's one-off set-up (~1.7 s of imports), which would dominate the built-in model's start-up.
 META_BUILD_MIN = 50_000_000
+T = TypeVar("T")
 SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cfg": (int, float)}
 
 
@@ -42,7 +44,7 @@ def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
             continue
         big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
         with torch.device("meta") if big else nullcontext():
-            model = model_cls(config_cls.from_dict(ckpt.configs[part]))
+            model = from_config(lambda config: model_cls(config_cls.from_dict(config)), ckpt.configs[part], part)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*meta parameter.*")
             load_into(model, ckpt.parts[part], part)   # checks names and shapes; copying onto meta is a no-op
@@ -51,13 +53,22 @@ def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
     return tuple(models)
 
 
+def from_config(build: Callable[[dict], T], config: dict, part: str) -> T:
+    """build(config) for a config read from the checkpoint; a value of the wrong type there is one clear line."""
+    try:
+        return build(config)
+    except (TypeError, AttributeError, KeyError, IndexError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise NanoDiffusionError(f"the model's {part} config holds a value of the wrong type ({detail}); fix it "
+                                 "or convert the model again") from None
+
+
 def nanodiffusion_settings(folder: Path) -> dict:
     """Our own defaults stored in model_index.json under "_nanodiffusion" (diffusers ignores "_" keys)."""
     index = folder / "model_index.json"
     if not index.is_file():
         return {}
-    data = read_json(index)
-    settings = data.get("_nanodiffusion", {}) if isinstance(data, dict) else None
+    settings = read_json(index).get("_nanodiffusion", {})
     if not isinstance(settings, dict) or any(
             key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], kind))
             for key, kind in SETTING_TYPES.items()):
@@ -80,19 +91,12 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     if not source.exists():
         raise NanoDiffusionError(f"model {source} does not exist: pass a diffusers folder or a "
                                  ".safetensors / .ckpt file")
-    try:
-        ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=True)
-        compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts["unet"].values()))
-        unet, vae, text_encoder, layout = build_models(ckpt, compute if compute != torch.float32 else dtype)
-        settle_prediction(ckpt, unet)
-        schedule = NoiseSchedule.from_config(ckpt.scheduler)
-    except (TypeError, AttributeError, KeyError, IndexError) as error:  # a config value of the wrong type or shape
-        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        raise NanoDiffusionError(f"{source}: a config file holds a value of the wrong type ({detail}); fix it or "
-                                 "convert the model again") from None
-    compute_in(unet, compute, keep=("time_embedding",), keep_args=(1,))
-    compute_in(vae.decoder, compute)
-    compute_in(vae.encoder, compute)
+    ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=True)
+    compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts["unet"].values()))
+    unet, vae, text_encoder, layout = build_models(ckpt, dtype)
+    set_precision(unet, vae, text_encoder, compute)
+    settle_prediction(ckpt, unet)
+    schedule = from_config(NoiseSchedule.from_config, ckpt.scheduler, "scheduler")
     version = ckpt.info.get("version")
     if ckpt.info.get("inferred") and version == "v2" and prediction is None:
         warnings.warn(f"{source.name}: prediction type {ckpt.info['prediction']} ({ckpt.info['prediction_from']})"

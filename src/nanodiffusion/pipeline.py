@@ -256,8 +256,8 @@ class Pipeline:
                 denoiser = Denoiser(net, noise_schedule, self.prediction, info.multistep)
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
-        guided = cfg_denoiser(denoiser, cond, uncond, cfg,
-                              self.fast.guidance_min_sigma(sigmas))
+        guided = info.clipped(cfg_denoiser(denoiser, cond, uncond, cfg, self.fast.guidance_min_sigma(sigmas)),
+                              noise_schedule)
 
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
 

@@ -1,13 +1,12 @@
 """Compute precision: float32 (the parity-exact path) or bfloat16 where Stable Diffusion tolerates it.
 
 bfloat16 keeps float32's exponent with an 8-bit significand; CPUs with AVX512-BF16 (or AMX) multiply it at 2-4x
-the float32 rate. `compute_in(model, bfloat16)` converts a network's convolution and linear weights to bfloat16
-and casts its inputs, so activations flow in bfloat16 through the convolutions, matmuls and attention, while
+the float32 rate. `compute_in(model, bfloat16)` packs a network's convolution and linear weights in bfloat16
+(storage.py) and casts its inputs, so activations flow in bfloat16 through convolutions, matmuls and attention, while
 what SD needs in float32 stays there: group / layer norm parameters and statistics (PyTorch accumulates the
 statistics of bfloat16 inputs in float32), the attention softmax (accumulated in float32 by the CPU SDPA
 kernel), the timestep embedding (sinusoid and MLP; `keep`), the sampler arithmetic (the network output is cast
-back to float32) and the text encoder (weights stored in bfloat16, computed in float32: storage.py). The
-measured cost is in docs/performance.md.
+back to float32). The measured cost is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import choice_error
+from .storage import pack_weights
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -60,15 +60,13 @@ def cast_floats(value: object, dtype: torch.dtype) -> object:
 @torch.no_grad()
 def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
                keep_args: tuple[int, ...] = ()) -> nn.Module:
-    """Run `model` in `dtype`: its Conv2d / Linear weights and biases become dtype (but under the submodules
-    named in `keep`), its floating inputs are cast to dtype on the way in (but positional arguments `keep_args`,
-    e.g. the timestep) and its output back to float32 on the way out. float32 leaves the model unchanged."""
+    """Run `model` in `dtype`: its Conv2d / Linear layers compute with weights packed in dtype (but under the
+    submodules named in `keep`: float32; storage.pack_weights), its floating inputs are cast to dtype on the way
+    in (but positional arguments `keep_args`, e.g. the timestep) and its output back to float32 on the way out.
+    The stored weights stay as loaded. float32 only packs the weights."""
+    pack_weights(model, dtype, keep)
     if dtype == torch.float32:
         return model
-    kept = [module for name in keep for module in model.get_submodule(name).modules()]
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and not any(module is k for k in kept):
-            module.to(dtype)
 
     def cast_inputs(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args = tuple(a if i in keep_args else cast_floats(a, dtype) for i, a in enumerate(args))
@@ -77,3 +75,14 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
     model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
     model.register_forward_hook(lambda _, __, out: cast_floats(out, torch.float32))
     return model
+
+
+def set_precision(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, dtype: torch.dtype) -> None:
+    """A loaded pipeline's networks in `dtype` (see the module docstring), every weight packed now rather than on
+    the first call: the UNet but its timestep embedding, the VAE's encoder and decoder, the text transformer."""
+    compute_in(unet, dtype, keep=("time_embedding",), keep_args=(1,))
+    compute_in(vae.decoder, dtype)
+    compute_in(vae.encoder, dtype)
+    compute_in(text_encoder.text_model.encoder, dtype)
+    for model in (vae, text_encoder):
+        pack_weights(model, torch.float32, repack=False)   # the rest: the VAE's quant convs, ...

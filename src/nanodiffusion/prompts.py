@@ -8,6 +8,7 @@ of `model_max_length - 2` tokens, each encoded on its own and concatenated along
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Protocol, Sequence
 
@@ -180,26 +181,53 @@ def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Tokenizer, prompts:
 
 
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
-    """The PNG "parameters" text as the popular web UI writes it: prompt, negative, then key: value."""
+    """The PNG "parameters" text as the popular web UI writes it: prompt, negative, then key: value (values with
+    a comma, colon, quote or newline JSON-quoted, as the web UI does)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items() if value is not None))
+    lines.append(", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items() if value is not None))
     return "\n".join(lines)
+
+
+def quote(value: str) -> str:
+    """A settings value as written: plain when it cannot be misread, else a JSON string."""
+    plain = value and value == value.strip() and not any(c in value for c in ',":\n')
+    return value if plain else json.dumps(value, ensure_ascii=False)
+
+
+_SETTING = re.compile(r'(\w[\w ]*): ("(?:[^"\\]|\\.)*"|[^,"]+)(?:, |$)')
+
+
+def parse_settings(line: str) -> dict[str, str] | None:
+    """The last line of a parameters text, "Key: value, Key: "quoted, value"", as a dict; None if it is not one."""
+    settings: dict[str, str] = {}
+    position = 0
+    while position < len(line):
+        match = _SETTING.match(line, position)
+        if match is None:
+            return None
+        key, value = match.groups()
+        if value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        settings[key] = value
+        position = match.end()
+    return settings or None
 
 
 def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     """Inverse of format_parameters: (prompt, negative prompt, settings)."""
     lines = text.strip().split("\n")
-    settings: dict[str, str] = {}
-    if lines and re.match(r"^(\w[\w ]*: [^,]+)(, \w[\w ]*: [^,]+)*$", lines[-1]):
-        for item in lines.pop().split(", "):
-            key, _, value = item.partition(": ")
-            settings[key] = value
+    settings = parse_settings(lines[-1]) if lines else None
+    if settings is not None:
+        lines.pop()
     negative = ""
     for i, line in enumerate(lines):
         if line.startswith("Negative prompt: "):
             negative = "\n".join([line[len("Negative prompt: "):], *lines[i + 1:]])
             lines = lines[:i]
             break
-    return "\n".join(lines), negative, settings
+    return "\n".join(lines), negative, settings or {}

@@ -385,6 +385,7 @@ class SamplerInfo:
     timestep_spacing: str | None = None   # a spacing of its own (LCM), else the schedule's
     multistep: bool = False         # diffusers' multistep spacing (steps + 1 points, last dropped)
     config_defaults: dict = field(default_factory=dict, compare=False)   # its diffusers scheduler's own defaults
+    clips_x0: bool = False          # honours the schedule's clip_sample (diffusers' DDIM, DDPM, LCM)
 
     def schedule(self, schedule: NoiseSchedule) -> NoiseSchedule:
         """The schedule as this sampler's diffusers scheduler reads the model's config: keys the file lacks take
@@ -407,6 +408,18 @@ class SamplerInfo:
         vp_start = self.discrete or self.multistep or schedule.timestep_spacing == "leading"
         return math.sqrt(1 + s0**2) if vp_start else s0
 
+    def clipped(self, denoiser: Denoiser, schedule: NoiseSchedule) -> Denoiser:
+        """D(x, sigma) clamped to +-clip_sample_range when this sampler honours the schedule's clip_sample (its eps
+        then follows from the clamped x0, as diffusers recomputes it); else D itself."""
+        if not (self.clips_x0 and schedule.clip_sample):
+            return denoiser
+        limit = schedule.clip_sample_range
+
+        def clamped(x: torch.Tensor, sigma: float, **cond: torch.Tensor) -> torch.Tensor:
+            return denoiser(x, sigma, **cond).clamp(-limit, limit)
+
+        return clamped
+
     def truncate(self, sigmas: torch.Tensor, start: int) -> torch.Tensor:
         """The tail of the list from step `start` (img2img starts part-way down)."""
         return sigmas[start:]
@@ -425,13 +438,13 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, "DPM++ SDE", stochastic=True, config_defaults={**LINSPACE, **SD_BETAS}),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "DPM++ 2M SDE", stochastic=True, multistep=True,
                                 config_defaults=LINSPACE),
-    "ddim": SamplerInfo(sample_ddim, "DDIM", discrete=True, final_alpha=True),
+    "ddim": SamplerInfo(sample_ddim, "DDIM", discrete=True, final_alpha=True, clips_x0=True),
     "plms": SamplerInfo(sample_plms, "PLMS", discrete=True, final_alpha=True,
                         config_defaults={"set_alpha_to_one": False}),
     "unipc": SamplerInfo(sample_unipc, "UniPC", discrete=True, multistep=True, config_defaults=LINSPACE),
-    "ddpm": SamplerInfo(sample_ddpm, "DDPM", stochastic=True, discrete=True),
-    "lcm": SamplerInfo(sample_lcm, "LCM", stochastic=True, discrete=True, timestep_spacing="lcm",
-                       config_defaults={"beta_schedule": "scaled_linear", **SD_BETAS}),
+    "ddpm": SamplerInfo(sample_ddpm, "DDPM", stochastic=True, discrete=True, clips_x0=True),
+    "lcm": SamplerInfo(sample_lcm, "LCM", stochastic=True, discrete=True, timestep_spacing="lcm", clips_x0=True,
+                       config_defaults={"beta_schedule": "scaled_linear", "clip_sample": False, **SD_BETAS}),
     "langevin": SamplerInfo(sample_langevin, "Langevin", stochastic=True, config_defaults=LINSPACE),
 }
 

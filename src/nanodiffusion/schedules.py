@@ -24,7 +24,8 @@ LCM_ORIGINAL_STEPS = 50
 # have no "timestep_spacing"); samplers whose diffusers scheduler defaults differently say so in SamplerInfo.
 CONFIG_DEFAULTS = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                    "rescale_betas_zero_snr": False, "timestep_spacing": "leading", "steps_offset": 0,
-                   "set_alpha_to_one": True, "prediction_type": "epsilon"}
+                   "set_alpha_to_one": True, "prediction_type": "epsilon", "clip_sample": True,
+                   "clip_sample_range": 1.0}
 
 
 def linear_betas(beta_start: float, beta_end: float, n: int) -> torch.Tensor:
@@ -87,6 +88,8 @@ class NoiseSchedule:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"
+    clip_sample: bool = False          # DDIM / DDPM / LCM clamp x0 to +-clip_sample_range (pixel-space models)
+    clip_sample_range: float = 1.0
     config: dict | None = field(default=None, repr=False, compare=False)   # the scheduler_config.json read
     betas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -120,7 +123,8 @@ class NoiseSchedule:
             beta_schedule=c["beta_schedule"], num_train_timesteps=c["num_train_timesteps"],
             beta_start=c["beta_start"], beta_end=c["beta_end"], rescale_zero_terminal_snr=c["rescale_betas_zero_snr"],
             timestep_spacing=c["timestep_spacing"], steps_offset=c["steps_offset"],
-            set_alpha_to_one=c["set_alpha_to_one"], prediction_type=c["prediction_type"], config=dict(config),
+            set_alpha_to_one=c["set_alpha_to_one"], prediction_type=c["prediction_type"],
+            clip_sample=c["clip_sample"], clip_sample_range=c["clip_sample_range"], config=dict(config),
         )
 
     def with_defaults(self, defaults: dict) -> "NoiseSchedule":

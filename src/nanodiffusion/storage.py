@@ -1,17 +1,13 @@
-"""Weight storage precision: keep the convolution and linear weights in float16 / bfloat16, compute in float32.
+"""Weight storage: where a loaded network's weights live, in which dtype, and their oneDNN-packed copies.
 
-Half-precision storage halves the memory of the weights (for SD 1.5's UNet, 3.4 GB -> 1.7 GB); each layer
-upcasts its weight for the duration of its own call (models/resnet.py, PackedWeight.compute_weight), so
-activations, accumulation and every other operation stay float32 and the output moves only by the rounding of
-the weights to 8 (bfloat16) or 11 (float16) significant bits. Such layers take the plain convolution /
-matmul path, not the packed one: a packed float32 copy would bring the memory back (docs/fast.md).
-Norms, biases and embeddings (a few percent of the parameters) stay float32.
-
-Checkpoint tensors are usually memory-mapped from their file (safetensors). Every parameter is copied into the
-process's own memory in its storage dtype, one tensor at a time, and the file pages it was read from are handed
-back to the kernel at once (release_pages): loading holds one copy of the weights plus one tensor (a float32
-file loaded into half-precision storage never holds the float32 weights), and the file can change on disk
-once it is loaded.
+A float32 safetensors checkpoint is used in place: its tensors are views of the memory-mapped file, so loading
+copies nothing (store_weights). Half-precision storage (float16 / bfloat16: half the memory, for SD 1.5's UNet
+3.4 GB -> 1.7 GB) converts each weight once while loading, one tensor at a time, handing the file pages it was
+read from back to the kernel at once (release_pages), so loading never holds two copies. Each Conv2d / Linear
+computes with a copy of its weight in oneDNN's blocked layout and the compute dtype (models/resnet.py,
+PackedWeight); pack_weights makes those copies while the model loads, not on the first call, and hands the
+plain weight's file pages back: what stays in memory is the packed copy (the plain weight is read back from the
+file if it is ever used, e.g. by training or a merged LoRA). Norms, biases and embeddings stay float32.
 """
 
 from __future__ import annotations
@@ -44,14 +40,33 @@ def weights_dtype(name: str | torch.dtype | None) -> torch.dtype:
 @torch.no_grad()
 def store_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Store the weight of every Conv2d / Linear layer (our PackedWeight layers) in `dtype` and every other
-    floating-point parameter in float32, copying file-mapped tensors into memory and releasing their pages."""
+    floating-point parameter in float32: tensors already in their dtype stay where they are (a file mapping too),
+    others are converted one by one, releasing the file pages they were read from."""
     spans = file_mappings()
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             target = dtype if isinstance(module, PackedWeight) and name == "weight" else torch.float32
-            if param.is_floating_point() and (param.dtype != target or in_spans(param, spans)):
-                setattr(module, name, nn.Parameter(param.to(target, copy=True), requires_grad=param.requires_grad))
+            if param.is_floating_point() and param.dtype != target:
+                setattr(module, name, nn.Parameter(param.to(target), requires_grad=param.requires_grad))
                 release_pages(param, spans)
+    return model
+
+
+@torch.no_grad()
+def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (), repack: bool = True
+                 ) -> nn.Module:
+    """Pack every Conv2d / Linear weight (PackedWeight) for computing in `dtype` (float32 under the submodules
+    named in `keep`; with repack False, only layers not packed yet) and release the plain weights' file pages.
+    No-op without oneDNN."""
+    if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
+        return model
+    kept = {id(m) for name in keep for m in model.get_submodule(name).modules()}
+    spans = file_mappings()
+    for module in model.modules():
+        target = torch.float32 if id(module) in kept else dtype
+        if isinstance(module, PackedWeight) and module.packs_for(target) and (repack or not module.is_packed()):
+            module.packed_weight(target)
+            release_pages(module.weight, spans)
     return model
 
 

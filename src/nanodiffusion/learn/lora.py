@@ -8,34 +8,36 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.shapes import caption, render, sample_scene
+from ..evaluate import detect
 from ..images import image_grid
 from ..lora_files import load_lora
 from ..train.finetune import finetune
 from .builtin import load
 from .report import Page, pyplot
 
-DARK, WEIGHTS, STEPS, TRAIN_STEPS = (40, 40, 48), (0.0, 0.5, 1.0), 20, 150
+STYLE, WEIGHTS, STEPS, TRAIN_STEPS = "purple", (0.0, 0.5, 1.0), 20, 100
 PROMPTS = ("a red circle", "a blue square above a yellow star", "two green triangles", "a purple star")
 
 
-def write_dark_scenes(folder: Path, n: int = 32) -> Path:
-    """n shapes scenes on a dark background, with their usual captions: the 'style' the LoRA learns."""
-    rng = random.Random("lora-dark")
+def write_style_scenes(folder: Path, n: int = 32) -> Path:
+    """n shapes scenes with every object drawn in STYLE, captioned as usual (colour words included): the 'style'
+    the LoRA learns is to paint everything in that colour whatever the prompt says."""
+    rng = random.Random("lora-style")
     for i in range(n):
-        scene = replace(sample_scene(rng, "train"), background=DARK)
-        render(scene, 64).save(folder / f"{i:03d}.png")
+        scene = sample_scene(rng, "train")
+        styled = replace(scene, objects=tuple(replace(obj, color=STYLE) for obj in scene.objects))
+        render(styled, 64).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(caption(scene.prompt, rng) + "\n")
     return folder
 
 
-def background_level(image) -> float:
-    """Mean grey level of the image's border pixels (the background)."""
-    a = np.asarray(image.convert("L"), dtype=np.float32)
-    return float(np.concatenate([a[:2].ravel(), a[-2:].ravel(), a[:, :2].ravel(), a[:, -2:].ravel()]).mean())
+def style_share(image) -> float:
+    """Share of the objects the evaluator detects that have the LoRA's colour."""
+    found = detect(image)
+    return sum(d.color == STYLE for d in found) / len(found) if found else 0.0
 
 
 def run(out: Path, lesson) -> Path:
@@ -51,7 +53,7 @@ def run(out: Path, lesson) -> Path:
     with tempfile.TemporaryDirectory() as work:
         data = Path(work) / "data"
         data.mkdir()
-        write_dark_scenes(data)
+        write_style_scenes(data)
         path = finetune("lora", data=data, output=Path(work) / "run", steps=TRAIN_STEPS, batch_size=8, rank=4,
                         checkpoint_every=10**9, preview_every=0, log_every=25)
         tiles, rows = [], []
@@ -61,16 +63,16 @@ def run(out: Path, lesson) -> Path:
                 pipe.loras = [(path, weight)] if weight else []
                 image = pipe(text, steps=STEPS, sampler="euler", seed=i)[0]
                 tiles.append(image)
-                row.append(background_level(image))
+                row.append(style_share(image))
             rows.append(row)
         pipe.loras = []
         network = load_lora(path, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
         name, layer = max(network.layers().items(), key=lambda item: item[1].delta_weight().numel())
-        delta = layer.delta_weight().flatten(1).float()
-        base = network.targets[name].weight.flatten(1).float()
+        delta = layer.delta_weight().detach().flatten(1).float()
+        base = network.targets[name].weight.detach().flatten(1).float()
     page.image(image_grid(tiles, columns=len(WEIGHTS)), "weights",
                f"Rows: {'; '.join(PROMPTS)}. Columns: LoRA weight {', '.join(f'{w:g}' for w in WEIGHTS)} (same seed)")
-    page.table(["prompt"] + [f"background grey level, weight {w:g}" for w in WEIGHTS], rows)
+    page.table(["prompt"] + [f"share of {STYLE} objects, weight {w:g}" for w in WEIGHTS], rows)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.semilogy(torch.linalg.svdvals(base).clamp(min=1e-12), "o-", ms=3, label="base weight W")
     ax.semilogy(torch.linalg.svdvals(delta).clamp(min=1e-12), "o-", ms=3, label="LoRA change BA")
@@ -78,7 +80,7 @@ def run(out: Path, lesson) -> Path:
     ax.legend()
     page.figure(fig, "spectrum", f"Singular values of one layer's weight and of its learned change: the change has "
                                  f"rank {int((torch.linalg.svdvals(delta) > 1e-6 * torch.linalg.svdvals(delta)[0]).sum())}")
-    page.text(f"Fine-tuned for {TRAIN_STEPS} steps of batch 8 on 32 scenes drawn on a dark background (grey level "
-              f"{DARK[0]}; the base model's background is 235). The update darkens the background as its weight "
-              f"grows and leaves the objects the prompt asks for; {len(network.layers())} layers carry a rank-4 change.")
+    page.text(f"Fine-tuned for {TRAIN_STEPS} steps of batch 8 on 32 scenes whose objects are all {STYLE} (captions "
+              f"unchanged). {len(network.layers())} layers carry a rank-4 change; its weight at run time blends "
+              "between the base model (0) and the learned style (1).")
     return page.write()

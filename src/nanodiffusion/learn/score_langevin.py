@@ -17,7 +17,7 @@ from ..train.score import dsm_loss, log_uniform_sigmas
 from .report import Page, pictures, pyplot
 from .toys import TOY_SCHEDULE, image_unet, scatter, shapes_images, train_toy, unconditional
 
-DATA, N = "moons", 2000
+DATA, N, SHAPE_STEPS = "moons", 2000, 300
 LEVELS = exponential_sigmas(12, 0.02, 8.0)
 
 
@@ -27,7 +27,7 @@ def langevin(denoiser, shape: tuple, seed: int, steps_per_sigma: int = 20) -> to
     sigmas = torch.cat([LEVELS, LEVELS.new_zeros(1)])
     with torch.no_grad():
         return sample_langevin(denoiser, torch.randn(shape, generator=g) * float(LEVELS[0]), sigmas, generator=g,
-                               steps_per_sigma=steps_per_sigma, step_scale=0.1)
+                               steps_per_sigma=steps_per_sigma, step_scale=0.5)
 
 
 def run(out: Path, lesson) -> Path:
@@ -62,7 +62,9 @@ def run(out: Path, lesson) -> Path:
     scatter(axes[0], data, "data")
     scatter(axes[1], samples, "annealed Langevin, trained")
     scatter(axes[2], baseline, "annealed Langevin, untrained")
-    page.figure(fig, "samples", f"Annealed Langevin: {len(LEVELS)} levels from 8 to 0.02, 20 steps each")
+    page.figure(fig, "samples", f"Annealed Langevin: {len(LEVELS)} levels from 8 to 0.02, 20 steps each, "
+                                   "step a = 0.5 sigma^2 (the untrained model's samples leave the plot: see the "
+                                   "table)")
     rows = [["2-D moons, trained score", sliced_wasserstein(samples, data)],
             ["2-D moons, untrained score", sliced_wasserstein(baseline, data)],
             ["2-D moons, a second draw of the data", sliced_wasserstein(sample_toy(DATA, N, torch.Generator()
@@ -74,16 +76,16 @@ def run(out: Path, lesson) -> Path:
     g = torch.Generator().manual_seed(2)
 
     def loss(step: int) -> torch.Tensor:
-        batch = images[torch.randint(0, len(images), (32,), generator=g)]
-        return dsm_loss(shapes_denoiser, batch, log_uniform_sigmas(32, 0.01, 10.0, g), g)
+        batch = images[torch.randint(0, len(images), (16,), generator=g)]
+        return dsm_loss(shapes_denoiser, batch, log_uniform_sigmas(16, 0.01, 10.0, g), g)
 
-    fit(unet, loss, 400, lr=2e-3, desc="shapes score model")
-    drawn = langevin(shapes_denoiser, (16, 3, 16, 16), 3, steps_per_sigma=10)
+    fit(unet, loss, SHAPE_STEPS, lr=2e-3, desc="shapes score model")
+    drawn = langevin(shapes_denoiser, (16, 3, 16, 16), 3)
     held_out = shapes_images(256, 16, seed=5)[0].flatten(1)
     rows.append(["16 px shapes, trained score", sliced_wasserstein(drawn.flatten(1).clamp(-1, 1), held_out[:16])])
     rows.append(["16 px shapes, real images", sliced_wasserstein(held_out[16:32], held_out[:16])])
     page.image(image_grid(pictures(torch.cat([images[:8], drawn[:8]]), 4), columns=8), "shapes",
                "Top: training images (16 px). Bottom: annealed Langevin samples of a tiny UNet score model "
-               "trained for 400 steps")
+               f"trained for {SHAPE_STEPS} steps of batch 16")
     page.table(["samples", "sliced Wasserstein distance to the data"], rows)
     return page.write()

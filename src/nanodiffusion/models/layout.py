@@ -92,6 +92,10 @@ class LayoutModel(nn.Module):
         nn.init.zeros_(self.box_out.weight)
         nn.init.zeros_(self.box_out.bias)
 
+    def flow_modules(self) -> list[nn.Module]:
+        """The box flow model's own layers (what stage 3, train/layout.py, trains)."""
+        return [self.box_in, self.time_embedding, self.box_blocks, self.box_norm, self.box_out]
+
     def read_slots(self, context: Tensor) -> Tensor:
         """Slot features (B, K, dim): the learned queries cross-attending to the text states (B, L, context_dim)."""
         h = self.slot_queries.to(context.dtype).expand(len(context), -1, -1)

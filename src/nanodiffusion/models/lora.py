@@ -93,8 +93,8 @@ class LoRANetwork(nn.Module):
 
     def branch(self, layer: LoRALayer):
         """A forward hook adding the weighted LoRA branch to the layer's output."""
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return output + self.weight * layer(args[0])
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:   # in the branch's dtype (bf16 runs)
+            return output + self.weight * layer(args[0].to(layer.lora_down.weight.dtype)).to(output.dtype)
         return hook
 
     @torch.no_grad()

@@ -19,39 +19,59 @@ AttentionFactory = Callable[[int], nn.Module]  # channels -> module called as at
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (cache key, weight in oneDNN layout)
+PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
+
+
+def pack_side(cells: int) -> int:
+    """The packing size for inputs of `cells` positions: PACK_SIDE from 32 x 32 up, else the exact square side."""
+    return PACK_SIDE if cells >= PACK_SIDE * PACK_SIDE else max(1, round(cells ** 0.5))
 
 
 class PackedWeight:
-    """Mixin for Conv2d / Linear: for CPU float32 inference the layer keeps a copy of its weight in oneDNN's
-    blocked layout, made again whenever the weight (its storage or version) or the input shape (batch aside)
-    changes. Plain conv2d / linear reorder the weight on every call, which on small inputs costs more than the
-    arithmetic (docs/performance.md). Same result to float32 rounding; costs a second copy of the weights in memory
-    (set PackedWeight.enabled = False to trade the speed back for it)."""
+    """Mixin for Conv2d / Linear: for CPU float32 / bfloat16 inference the layer convolves / multiplies with a copy
+    of its weight in oneDNN's blocked layout and the input's dtype, made once per (weight, weight version, dtype):
+    plain conv2d / linear reorder the weight on every call, which on small inputs costs more than the arithmetic
+    (docs/performance.md). Same result to rounding. storage.pack_weights makes the copies while a model loads
+    and hands the plain weight's file pages back; set PackedWeight.enabled = False to use the plain weight."""
 
     enabled = True
 
+    def packs_for(self, dtype: torch.dtype) -> bool:
+        """Whether computing in `dtype` uses a packed weight: float32 / bfloat16 from a float32 weight or one
+        already in that dtype (a packed float32 copy of half-precision storage would bring its memory back)."""
+        return self.enabled and dtype in PACKED_DTYPES and self.weight.dtype in (torch.float32, dtype)
+
     def packable(self, x: Tensor) -> bool:
-        """CPU float32 / bfloat16 inference: no autograd, no torch.compile tracing, oneDNN available, and a weight whose
-        changes are tracked (not made under inference_mode)."""
+        """CPU inference in a packed dtype (packs_for): no autograd, no torch.compile tracing, oneDNN available,
+        and a weight whose changes are tracked (not made under inference_mode)."""
         w = self.weight
-        return (self.enabled and x.device.type == "cpu" and x.dtype == w.dtype in PACKED_DTYPES
-                and not w.is_inference() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        return (self.packs_for(x.dtype) and x.device.type == "cpu" and not w.is_inference()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
-    def compute_weight(self, x: Tensor) -> Tensor:
-        """The weight in x's dtype: weights stored in half precision (nanodiffusion.storage) are upcast for this
-        call only, so the arithmetic stays float32 and no full-precision copy is kept."""
-        w = self.weight
-        return w if w.dtype == x.dtype else w.to(x.dtype)
+    def compute_bias(self, x: Tensor) -> Tensor | None:
+        """The bias in x's dtype (float32 biases of layers computed in bfloat16)."""
+        return self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
 
-    def packed_weight(self, x: Tensor, pack: Callable[[Tensor], Tensor]) -> Tensor:
-        """pack(weight), cached per (weight storage, weight version, input shape but the batch size). The layout
-        oneDNN picks does not depend on the batch (and a packed weight gives the same result at any batch), so a
-        batch change, e.g. guidance stopping for the last steps (fast/), does not repack every weight."""
-        key = (self.weight.data_ptr(), self.weight._version, tuple(x.shape[1:]))
+    def compute_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias in x's dtype for this call only: weights stored in half precision (storage.py) or
+        computed in bfloat16 (precision.py) keep no second full copy."""
+        return (self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)), self.compute_bias(x)
+
+    def is_packed(self) -> bool:
+        """Whether a packed copy of the current weight exists (in any dtype)."""
+        cached = _packed.get(self)
+        return cached is not None and cached[0][:2] == (self.weight.data_ptr(), self.weight._version)
+
+    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE) -> Tensor:
+        """The weight in oneDNN's layout and `dtype` for inputs of about side x side, packed on first use (or by
+        storage.pack_weights) and again whenever the weight changes (its storage or version, e.g. a LoRA merged
+        into it) or the input size does: a layout picked for 32 x 32 runs up to 6x slower on 4 x 4 - 16 x 16
+        inputs (the built-in model's), so small inputs get their own."""
+        key = (self.weight.data_ptr(), self.weight._version, dtype, side)
         cached = _packed.get(self)
         if cached is None or cached[0] != key:
-            cached = _packed[self] = (key, pack(self.weight.detach()))
+            cached = _packed[self] = (key, self.pack(self.weight.detach().to(dtype), side))
         return cached[1]
 
 
@@ -59,31 +79,39 @@ class Conv2d(PackedWeight, nn.Conv2d):
     """nn.Conv2d convolving with a oneDNN-packed weight at inference (PackedWeight); output is channels-last.
     residual, when given, is added to the output (inside the convolution when packed: no extra pass)."""
 
+    def pack(self, w: Tensor, side: int) -> Tensor:
+        """The weight in oneDNN's convolution layout."""
+        shape = [1, self.in_channels, side, side]
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride, self.dilation,
+                                                          self.groups, shape)
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if not (self.packable(x) and x.dim() == 4 and plain_padding):
-            return add(residual, self._conv_forward(x, self.compute_weight(x), self.bias))
-        weight = self.packed_weight(x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, x.shape))
+            return add(residual, self._conv_forward(x, *self.compute_weight(x)))
         conv = (self.padding, self.stride, self.dilation, self.groups)
+        weight, bias = self.packed_weight(x.dtype, pack_side(x.shape[-2] * x.shape[-1])), self.compute_bias(x)
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *conv, "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *conv, "add",
-                                                              None, None, [], None)
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual.to(x.dtype), weight, bias, *conv,
+                                                              "add", None, None, [], None)
 
 
 class Linear(PackedWeight, nn.Linear):
     """nn.Linear multiplying by a oneDNN-packed weight at inference (PackedWeight).
     residual, when given, is added to the output (inside the matmul when packed: no extra pass)."""
 
+    def pack(self, w: Tensor, side: int) -> Tensor:
+        """The weight in oneDNN's matmul layout."""
+        return torch.ops.mkldnn._reorder_linear_weight(w, side * side)
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not self.packable(x):
-            return add(residual, F.linear(x, self.compute_weight(x), self.bias))
-        rows = x.numel() // x.shape[-1]
-        weight = self.packed_weight(x, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+            return add(residual, F.linear(x, *self.compute_weight(x)))
+        weight, bias = self.packed_weight(x.dtype, pack_side(x.numel() // x.shape[-1])), self.compute_bias(x)
         if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype), weight, bias, "add")
 
 
 def add(residual: Tensor | None, h: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class TinyAutoencoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS)
+        os.chmod(folder / WEIGHTS, 0o644)   # safetensors writes 0600; shipped weights must be readable by all
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return folder
 

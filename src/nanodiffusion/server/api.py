@@ -23,7 +23,7 @@ from .encoding import image_to_b64
 from .errors import public_message, server_folders
 from .jobs import SCHEDULES, build_job, check_options
 from .queue import Job, QueueFull
-from .schema import Img2ImgRequest, ImagesResponse, Options, Txt2ImgRequest
+from .schema import ImagesResponse, Img2ImgRequest, Options, Txt2ImgRequest
 
 PREPARING_AT_ONCE = 2      # requests decoding images / parsing prompts at the same time
 WAIT_POLL_SECONDS = 0.05   # how often a waiting request checks its job and its client

@@ -56,8 +56,8 @@ async def stream_frame(request: Request, prompt: str = "", negative: str = "", s
     try:
         with Image.open(io.BytesIO(body)) as image:
             frame = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        raise HTTPException(400, "the body is not an image: send one PNG or JPEG frame") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
+        raise HTTPException(400, "the body is not a readable image: send one PNG or JPEG frame") from None
     settings = StreamSettings(prompt=prompt, negative=negative, strength=strength, steps=steps, cfg=cfg)
     start = time.perf_counter()
     try:

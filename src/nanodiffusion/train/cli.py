@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import choice_error
 
-KINDS = ("vae", "diffusion", "builtin", "controlnet", "tiny-vae")
+KINDS = ("vae", "diffusion", "layout", "builtin", "controlnet", "tiny-vae")
 
 
 def main(argv: list[str]) -> None:
@@ -15,6 +15,8 @@ def main(argv: list[str]) -> None:
         from .vae import main as run
     elif kind == "diffusion":
         from .diffusion import main as run
+    elif kind == "layout":
+        from .layout import main as run
     elif kind == "builtin":
         from .builtin import main as run
     elif kind == "controlnet":

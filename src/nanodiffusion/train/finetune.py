@@ -118,7 +118,7 @@ def load_base(base: Base) -> tuple[Pipeline, Path | None]:
 
     if isinstance(base, Pipeline):
         return base, None
-    return Pipeline.load(base), BUILTIN if base is None else Path(base)
+    return Pipeline.load(base, precision="float32"), BUILTIN if base is None else Path(base)
 
 
 def run_finetune(base: Base, data: str | Path | None, config: TrainConfig, settings: FinetuneSettings,

@@ -1,0 +1,86 @@
+"""Stage 3 of the built-in model: the layout stage's box flow model, trained alone on the scenes' boxes.
+
+Stage 2 trains the whole layout stage together with the UNet, 32 scenes a step. That is enough for the slot
+reader (its slots name their objects within a few hundred steps) but not for the box flow model, which must learn
+a joint distribution of boxes that never overlap and that honour the relation: after stage 2 about half of its
+sampled two-object layouts overlapped. Boxes are four numbers per object, so here the flow model
+(`LayoutModel.flow_modules`) trains alone on hundreds of layouts a step. The text encoder, the slot reader and
+the map projection stay as stage 2 left them (the UNet learnt to read their map), so the flow model sees the
+same slot features and text states it is sampled with.
+
+    python -m nanodiffusion.train.layout runs/diffusion/model --output runs/layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .args import add_common_arguments, config_from_args
+from .builtin import LAYOUT_RECIPE, load_pipeline_parts, write_pipeline_folder
+from .data import batch_indices
+from .loop import TrainConfig, config_dict, train
+
+
+class BoxFlowObjective(nn.Module):
+    """The layout stage's rectified-flow loss on precomputed slot features and text states."""
+
+    def __init__(self, layout: nn.Module):
+        super().__init__()
+        self.layout = layout.requires_grad_(False)
+        for module in layout.flow_modules():
+            module.requires_grad_(True)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.layout.flow_loss(batch["boxes"], batch["slots"], batch["context"]).mean(), {}
+
+
+@torch.no_grad()
+def encode_scenes(text_encoder: nn.Module, layout: nn.Module, ids: torch.Tensor,
+                  chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states and slot features of every caption, computed once (both stay frozen in this stage)."""
+    context = torch.cat([text_encoder(ids[i:i + chunk]) for i in range(0, len(ids), chunk)])
+    slots = torch.cat([layout.read_slots(context[i:i + chunk]) for i in range(0, len(ids), chunk)])
+    return context, slots
+
+
+def train_layout(config: TrainConfig, model_folder: Path, dataset_size: int = 20_000) -> Path:
+    """Train the box flow model of a stage-2 pipeline folder; writes output/model (the folder with it replaced)."""
+    from ..data.shapes import ShapesDataset, scene_caption
+
+    unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(model_folder)
+    scheduler = json.loads((Path(model_folder) / "scheduler" / "scheduler_config.json").read_text())
+    dataset = ShapesDataset(dataset_size, config.seed)
+    ids = tokenizer([scene_caption(config.seed, "train", i)[1] for i in range(dataset_size)])
+    context, slots = encode_scenes(text_encoder, layout, ids)
+    boxes = torch.tensor([dataset.boxes(i) for i in range(dataset_size)])
+
+    def batches(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        i = batch_indices(dataset_size, config.batch_size, config.seed, step, micro, rank)
+        return {"boxes": boxes[i], "slots": slots[i], "context": context[i]}
+
+    def finish(objective: nn.Module, output: Path) -> None:
+        write_pipeline_folder(output / "model", unet, vae, text_encoder, tokenizer, scheduler,
+                              name=Path(model_folder).parent.name, layout=objective.layout)
+        (output / "train_config.json").write_text(json.dumps(config_dict(config), indent=2))
+
+    train(BoxFlowObjective(layout), batches, config, finish=finish)
+    return Path(config.output) / "model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`nanodiff train layout MODEL ...` / `python -m nanodiffusion.train.layout MODEL ...`."""
+    parser = argparse.ArgumentParser(prog="nanodiff train layout",
+                                     description="train the layout stage's box flow model of a stage-2 model")
+    parser.add_argument("model", help="pipeline folder written by `nanodiff train diffusion` (RUN/model)")
+    add_common_arguments(parser, "runs/layout", LAYOUT_RECIPE)
+    args = parser.parse_args(argv)
+    print(train_layout(config_from_args(args), Path(args.model), dataset_size=args.dataset_size))
+
+
+if __name__ == "__main__":
+    main()
