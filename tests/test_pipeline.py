@@ -80,7 +80,7 @@ def test_inpaint_keeps_the_unmasked_region_and_repaints_the_masked_one(pipe, mon
     image = pipe("a circle", steps=4, seed=3, sampler="euler", init_image=init, mask=mask)[0]
     known = pipe.encode_image(to_tensor(init), [torch.Generator().manual_seed(3)])
     latents, half = final["latents"], known.shape[-1] // 2
-    assert torch.allclose(latents[..., half:], known[..., half:], atol=1e-5)  # kept: the encoded init image
+    assert torch.allclose(latents[..., half:], known[..., half:], atol=1e-4)  # kept (fp32 rounding, any threads)
     assert (latents[..., :half] - known[..., :half]).abs().mean() > 0.5  # repainted
     assert torch.equal(pixels([image]), pixels(to_pil(decode(latents))))
 

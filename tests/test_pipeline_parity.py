@@ -156,7 +156,7 @@ def test_inpainting_ordinary_model_keeps_the_known_region(saved):
     keep = torch.nn.functional.interpolate(mask_to_tensor(mask_image(), (SIZE, SIZE)), size=known.shape[-2:]) == 0
     keep = keep.expand_as(known)
     final = decoded["final"]
-    assert torch.allclose(final[keep], known[keep], atol=1e-5)
+    assert torch.allclose(final[keep], known[keep], atol=1e-4)   # fp32 rounding, any thread count
     assert (final[~keep] - known[~keep]).abs().mean() > 10 * known.std()
     assert_not_flat(pixels(images))
     assert np.array_equal(pixels(images), pixels(to_pil(decode(final))))

@@ -2,7 +2,6 @@
 
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -151,13 +150,3 @@ def test_write_dataset_matches_the_dataset(tmp_path):
     for i in range(6):
         assert folder[i]["caption"] == generated[i]["caption"]
         assert torch.allclose(folder[i]["image"], generated[i]["image"])
-
-
-def test_rendering_is_fast():
-    dataset = ShapesDataset(400, seed=9)
-    start = time.perf_counter()
-    for i in range(400):
-        dataset[i]
-    rate = 400 / (time.perf_counter() - start)
-    print(f"shapes dataset: {rate:.0f} images/s")
-    assert rate > 500

@@ -87,7 +87,8 @@ def test_loss_goes_down(tmp_path):
 
 
 def test_stages_with_different_mixed_precision_run_in_one_process(tmp_path):
-    """`nanodiff train builtin train` runs the bf16 VAE stage, then the fp32 diffusion stage, in one process."""
+    """Two runs with different mixed precision in one process (as the bf16 VAE stage and the fp32 diffusion stage of
+    `nanodiff train builtin train` are; the command itself: test_train_builtin.py)."""
     run(tmp_path / "bf16", steps=2, mixed_precision="bf16")
     run(tmp_path / "fp32", steps=2, mixed_precision="no")
     assert last_checkpoint(tmp_path / "fp32") is not None

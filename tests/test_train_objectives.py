@@ -84,6 +84,7 @@ def test_diffusion_training_writes_a_loadable_pipeline(trained_vae, tmp_path):
     assert (cfg.output / "previews" / "step-0000012.png").is_file()
     values = losses(cfg.output)
     assert len(values) == 12 and all(v == v for v in values)
+    assert sum(values[-3:]) < 0.95 * sum(values[:3]), values   # it learns, not just runs
     model = cfg.output / "model"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "layout"):
         assert (model / part).is_dir(), part

@@ -172,8 +172,8 @@ def ship(source: Path, destination: Path = BUILTIN_DIR) -> Path:
 
 
 def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],
-                  diffusion_steps: int = DIFFUSION_RECIPE["steps"], threads: int | None = None,
-                  ship_to: Path | None = BUILTIN_DIR) -> Path:
+                  diffusion_steps: int = DIFFUSION_RECIPE["steps"], layout_steps: int = LAYOUT_RECIPE["steps"],
+                  dataset_size: int = 20_000, threads: int | None = None, ship_to: Path | None = BUILTIN_DIR) -> Path:
     """The whole recipe: stage 1 (VAE), stage 2 (UNet + text encoder + layout stage), stage 3 (the layout stage's
     box flow model alone), then ship the EMA weights as fp16."""
     from .diffusion import train_diffusion
@@ -182,11 +182,14 @@ def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],
     from .vae import train_vae
 
     output = Path(output)
-    train_vae(TrainConfig(output=output / "vae", threads=threads, **{**VAE_RECIPE, "steps": vae_steps}))
+    train_vae(TrainConfig(output=output / "vae", threads=threads, **{**VAE_RECIPE, "steps": vae_steps}),
+              dataset_size=dataset_size)
     train_diffusion(TrainConfig(output=output / "diffusion", threads=threads,
-                                **{**DIFFUSION_RECIPE, "steps": diffusion_steps}), output / "vae" / "vae")
-    model = train_layout(TrainConfig(output=output / "layout", threads=threads, **LAYOUT_RECIPE),
-                         output / "diffusion" / "model")
+                                **{**DIFFUSION_RECIPE, "steps": diffusion_steps}), output / "vae" / "vae",
+                    dataset_size=dataset_size)
+    model = train_layout(TrainConfig(output=output / "layout", threads=threads,
+                                     **{**LAYOUT_RECIPE, "steps": layout_steps}),
+                         output / "diffusion" / "model", dataset_size=dataset_size)
     return ship(model, ship_to) if ship_to is not None else model
 
 
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--output", default="runs/builtin", help="run folder (vae/ and diffusion/ inside)")
     train.add_argument("--vae-steps", type=int, default=VAE_RECIPE["steps"])
     train.add_argument("--diffusion-steps", type=int, default=DIFFUSION_RECIPE["steps"])
+    train.add_argument("--layout-steps", type=int, default=LAYOUT_RECIPE["steps"])
+    train.add_argument("--dataset-size", type=int, default=20_000, help="number of synthetic shapes scenes")
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--ship-to", default=str(BUILTIN_DIR), help="where the fp16 model goes ('' to skip)")
     copy = sub.add_parser("ship", help="copy a trained pipeline folder into the package as fp16")
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         print(ship(Path(args.source), Path(args.destination)))
     else:
         print(train_builtin(Path(args.output), vae_steps=args.vae_steps, diffusion_steps=args.diffusion_steps,
-                            threads=args.threads,
+                            layout_steps=args.layout_steps, dataset_size=args.dataset_size, threads=args.threads,
                             ship_to=Path(args.ship_to) if args.ship_to else None))
 
 
