@@ -159,7 +159,8 @@ def test_inpainting_ordinary_model_keeps_the_known_region(saved):
     assert torch.allclose(final[keep], known[keep], atol=1e-4)   # fp32 rounding, any thread count
     assert (final[~keep] - known[~keep]).abs().mean() > 10 * known.std()
     assert_not_flat(pixels(images))
-    assert np.array_equal(pixels(images), pixels(to_pil(decode(final))))
+    # the returned image is that sample decoded (up to 8-bit rounding: the pipeline decodes on its own thread budget)
+    assert np.abs(pixels(images) - pixels(to_pil(decode(final)))).max() <= 1 / 255 + 1e-9
 
 
 def test_original_single_file_matches_the_folder(saved, published, tmp_path):

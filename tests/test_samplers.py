@@ -73,18 +73,29 @@ def moments(sampler: str, steps: int, n: int = 20000, seed: int = 0) -> tuple[fl
     return float(out.mean()), float(out.std())
 
 
+FIRST_ORDER = {"euler_a", "ddpm", "langevin"}   # at 100 steps their std is off by a discretisation bias, not noise
+
+
 @pytest.mark.parametrize("sampler", [s for s, info in SAMPLERS.items() if info.stochastic and s != "lcm"])
 def test_stochastic_samplers_sample_the_data_distribution(sampler):
     """With the exact denoiser of N(0, STD^2) a stochastic sampler must return that distribution (their paths
-    can't be compared with k-diffusion's Brownian-tree samplers). Standard error of std ~0.0025."""
+    can't be compared with k-diffusion's Brownian-tree samplers). Standard error of the std ~0.0025: the
+    higher-order samplers must be within 3 of them at 100 steps; the first-order ones carry a bias of up to ~0.027
+    there (measured), which must shrink by at least 40% with 4x the steps."""
     mean, std = moments(sampler, steps=100)
-    assert abs(mean) < 0.01 and abs(std - STD) < 0.03, (mean, std)
+    assert abs(mean) < 0.01, mean
+    if sampler in FIRST_ORDER:
+        _, finer = moments(sampler, steps=400)
+        assert abs(std - STD) < 0.03 and abs(finer - STD) < 0.6 * abs(std - STD), (std, finer)
+    else:
+        assert abs(std - STD) < 0.0075, std
 
 
 def test_brownian_increments_make_dpmpp_sde_accurate():
-    """Independent stage noises (a wrong Brownian path) visibly shrink the spread at 30 steps; ours doesn't."""
+    """Independent stage noises (a wrong Brownian path) visibly shrink the spread at 30 steps; ours stays within
+    3 standard errors (~0.0025 each) of it (measured: -0.004)."""
     mean, std = moments("dpmpp_sde", steps=30)
-    assert abs(std - STD) < 0.015, std
+    assert abs(std - STD) < 0.0075, std
 
 
 def test_lcm_with_a_plain_denoiser_shrinks_the_spread():
