@@ -95,3 +95,28 @@ def test_overlapping_footprints_mix_features_instead_of_adding_them():
     painted = model.paint(same_place, slots, 16, 16)[0, :, 8, 8]
     features = model.map_proj(slots)[0]
     torch.testing.assert_close(painted, (features[0] + features[1]) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_fine_tuning_objective_draws_the_slot_map_from_the_text_when_boxes_are_unknown():
+    """A user's images have no boxes: the frozen layout stage samples them from each caption (regression: its
+    noise once replaced the diffusion noise in the target)."""
+    from tests.tiny import tiny_pipeline
+
+    from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+    from nanodiffusion.train.diffusion import DiffusionObjective
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(2)
+    context_dim = pipe.text_encoder.config.hidden_size
+    layout = LayoutModel(LayoutConfig.from_dict({**TINY.__dict__, "context_dim": context_dim})).eval()
+    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=16, in_channels=4 + TINY.map_channels,
+                                                cross_attention_dim=context_dim))
+    objective = DiffusionObjective(unet, pipe.text_encoder, pipe.schedule.alphas_cumprod,
+                                   pipe.tokenizer([""])[0], layout=layout)
+    ids = pipe.tokenizer(["a red circle", "a blue square above a red circle"])
+    batch = {"mean": torch.randn(2, 4, 16, 16), "std": torch.full((2, 4, 16, 16), 0.1), "input_ids": ids,
+             "scaling_factor": torch.ones(2)}
+    loss, logs = objective(batch)
+    assert loss.isfinite() and "layout" not in logs
+    loss.backward()
+    assert unet.conv_in.weight.grad[:, 4:].abs().sum() > 0   # the slot-map channels take part

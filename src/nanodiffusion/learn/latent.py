@@ -66,7 +66,7 @@ def run(out: Path, lesson) -> Path:
     side = pipe.default_size // pipe.vae_scale
     context = pipe.encode_text(["a red circle"], [""], 1)[0]
     pixel_unet = UNet2DConditionModel(replace(pipe.unet.config, in_channels=3, out_channels=3))
-    latent_cost = multiply_adds(pipe.unet, (1, latents.shape[1], side, side), context)
+    latent_cost = multiply_adds(pipe.unet, (1, pipe.unet.config.in_channels, side, side), context)  # + slot map
     pixel_cost = multiply_adds(pixel_unet, (1, 3, pipe.default_size, pipe.default_size), context)
     page.table(["", "values per image", "UNet multiply-adds per denoising step (millions)"],
                [["pixels", 3 * pipe.default_size**2, pixel_cost / 1e6],

@@ -90,8 +90,8 @@ class DiffusionObjective(nn.Module):
             logs["layout"] = layout_loss.detach()
             x_t = torch.cat([x_t, slot_map], dim=1)
         elif self.layout is not None:   # fine-tuning a model with a (frozen) layout stage: boxes drawn from the text
-            noise = torch.randn(len(ids), self.layout.config.slots, 4, device=ids.device)
-            slot_map = self.layout(context.detach(), noise, *x_t.shape[-2:]) * (~drop).view(-1, 1, 1, 1)
+            box_noise = torch.randn(len(ids), self.layout.config.slots, 4, device=ids.device)
+            slot_map = self.layout(context.detach(), box_noise, *x_t.shape[-2:]) * (~drop).view(-1, 1, 1, 1)
             x_t = torch.cat([x_t, slot_map], dim=1)
         prediction = self.unet(x_t, t, context).float()
         target = diffusion_target(x0, noise, alpha_bar, self.prediction)
