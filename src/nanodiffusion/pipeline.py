@@ -224,12 +224,7 @@ class Pipeline:
         cond, uncond = self.encode_text([prompt] * batch, [negative_prompt] * batch, clip_skip)
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         net = self.unet_function(control_image, control_scale, width, height)
-        cond, uncond = {"context": cond}, {"context": uncond}
-        if self.layout is not None:
-            net = with_layout_channels(net)
-            cond["layout"] = self.layout(cond["context"], layout_noise(generators, self.layout.config.slots),
-                                         *shape[-2:])
-            uncond["layout"] = torch.zeros_like(cond["layout"])
+        cond, uncond = self.guidance_inputs(cond, uncond, generators, *shape[-2:])
         known = None
         if init_image is not None:
             image = to_tensor(init_image, (width, height)).expand(batch, -1, -1, -1)
@@ -312,17 +307,30 @@ class Pipeline:
 
     def unet_function(self, control_image: Image.Image | None, control_scale: float, width: int,
                       height: int) -> Callable[..., torch.Tensor]:
-        """The network as the denoiser calls it: net(x_in, t, context=...) -> prediction (ControlNet-steered
-        when a ControlNet is loaded)."""
+        """The network as the denoiser calls it: net(x_in, t, context=..., [layout=...]) -> prediction
+        (ControlNet-steered when a ControlNet is loaded; reading the slot map when the model has a layout stage)."""
         if self.controlnet is not None:
             image = prepare_control_image(control_image, width, height)
-            return controlnet_unet(self.unet, self.controlnet, image, control_scale)
-        unet = self.unet
+            net = controlnet_unet(self.unet, self.controlnet, image, control_scale)
+        else:
+            unet = self.unet
 
-        def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return unet(x, t, context)
+            def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+                return unet(x, t, context)
 
-        return net
+        return net if self.layout is None else with_layout_channels(net)
+
+    def guidance_inputs(self, cond: torch.Tensor, uncond: torch.Tensor, generators: list[torch.Generator],
+                        height: int, width: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The conditional and unconditional inputs of classifier-free guidance for text contexts cond / uncond:
+        with a layout stage, also its slot map on the height x width latent grid (one box draw per generator)
+        and a blank map for the unconditional branch."""
+        cond, uncond = {"context": cond}, {"context": uncond}
+        if self.layout is not None:
+            noise = layout_noise(generators, self.layout.config.slots)
+            cond["layout"] = self.layout(cond["context"], noise, height, width)
+            uncond["layout"] = torch.zeros_like(cond["layout"])
+        return cond, uncond
 
     def inpainting_function(self, mask: torch.Tensor, masked: torch.Tensor) -> Callable[..., torch.Tensor]:
         """A 9-channel inpainting UNet sees [latents, mask, masked-image latents] (Rombach et al. 2022)."""

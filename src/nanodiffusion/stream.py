@@ -31,8 +31,6 @@ from .denoisers import Denoiser, append_dims
 from .errors import NanoDiffusionError
 from .guidance import cfg_denoiser
 from .images import to_pil, to_tensor
-from .models.layout import layout_noise
-from .pipeline import with_layout_channels
 from .prompts import check_prompt
 from .samplers import get_sampler
 
@@ -144,21 +142,15 @@ class StreamDiffusion:
             raise NanoDiffusionError("<lora:...> tags are not supported in a stream prompt")
         with torch.no_grad():
             cond, uncond = pipe.encode_text([text], [s.negative], pipe.clip_skip)
-            self.cond, self.uncond = {"context": cond}, {"context": uncond}
-            if pipe.layout is not None:
-                noise = layout_noise([torch.Generator().manual_seed(s.seed)], pipe.layout.config.slots)
-                self.cond["layout"] = pipe.layout(cond, noise, self.latent_side, self.latent_side)
-                self.uncond["layout"] = torch.zeros_like(self.cond["layout"])
+            self.cond, self.uncond = pipe.guidance_inputs(cond, uncond, [torch.Generator().manual_seed(s.seed)],
+                                                          self.latent_side, self.latent_side)
 
     def denoiser(self, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The guided D(x, sigma) over a batch of `batch` latents (the pipeline's own network function)."""
         s, pipe = self.settings, self.pipe
         if not s.cache_prompt:
             self.encode_prompt()
-        net = pipe.unet_function(None, 1.0, self.size, self.size)
-        if pipe.layout is not None:
-            net = with_layout_channels(net)
-        denoiser = Denoiser(net, self.schedule, pipe.prediction)
+        denoiser = Denoiser(pipe.unet_function(None, 1.0, self.size, self.size), self.schedule, pipe.prediction)
         cond, uncond = ({k: v.expand(batch, *v.shape[1:]) for k, v in c.items()} for c in (self.cond, self.uncond))
         if s.guidance == "full":
             return cfg_denoiser(denoiser, cond, uncond, s.cfg)

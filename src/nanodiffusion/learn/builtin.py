@@ -7,8 +7,7 @@ import torch
 
 from ..denoisers import Denoiser
 from ..guidance import cfg_denoiser
-from ..pipeline import Pipeline, with_layout_channels
-from ..models.layout import layout_noise
+from ..pipeline import Pipeline
 
 
 def load() -> Pipeline:
@@ -22,14 +21,8 @@ def text_denoiser(pipe: Pipeline, prompts: list[str], cfg: float, seed: int = 0)
     cond, uncond = pipe.encode_text(prompts, [""] * len(prompts), pipe.clip_skip)
     size = pipe.default_size
     net = pipe.unet_function(None, 1.0, size, size)
-    cond, uncond = {"context": cond}, {"context": uncond}
-    if pipe.layout is not None:
-        net = with_layout_channels(net)
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        latent = size // pipe.vae_scale
-        cond["layout"] = pipe.layout(cond["context"], layout_noise(generators, pipe.layout.config.slots),
-                                     latent, latent)
-        uncond["layout"] = torch.zeros_like(cond["layout"])
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    cond, uncond = pipe.guidance_inputs(cond, uncond, generators, size // pipe.vae_scale, size // pipe.vae_scale)
     return cfg_denoiser(Denoiser(net, pipe.schedule, pipe.prediction), cond, uncond, cfg)
 
 
