@@ -13,6 +13,13 @@ import uvicorn
 from PIL import Image
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for launchers that need one, e.g. accelerate's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def running(app):
     """Serve an ASGI app with uvicorn on a free loopback port in a thread; yield its base URL."""

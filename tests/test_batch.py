@@ -17,6 +17,7 @@ import pytest
 from nanodiffusion.batch import BatchJob, generate_jobs, read_jobs
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.train.builtin import write_pipeline_folder
+from serving import free_port
 from tiny import tiny_pipeline
 
 SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -54,7 +55,7 @@ def prompts(tmp_path_factory) -> Path:
 def nanodiff(*args: str, processes: int = 1) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--num_processes", str(processes)]
-    launch += ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    launch += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
     return [*launch, "-m", "nanodiffusion.cli", "generate", *args]
 
 

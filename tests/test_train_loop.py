@@ -20,6 +20,7 @@ from nanodiffusion.train.ema import EMA, ema_decay
 from nanodiffusion.train.loop import TrainConfig, last_checkpoint, train
 from nanodiffusion.train.lr import lr_factor
 from nanodiffusion.train.state import STATE_FILE, TENSORS_FILE
+from serving import free_port
 
 
 class Regression(nn.Module):
@@ -205,7 +206,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               __file__, str(tmp_path)]
+               "--main_process_port", str(free_port()), __file__, str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
