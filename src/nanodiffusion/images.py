@@ -66,7 +66,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     info = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # per process: batch workers may share a folder
     try:
         image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
