@@ -127,15 +127,11 @@ def with_loras(parameters: str, loras: tuple[tuple[Path, float], ...]) -> str:
 
 def expected_parameters(pipe: Any, job: BatchJob) -> str:
     """The parameters text the job's image will carry: a file holding this text is this job, already done."""
+    from .request import GenerationRequest
     from .samplers import get_sampler
 
-    s = job.settings
-    text = pipe.parameters_text(
-        job.prompt, s.get("negative_prompt", ""), steps=s.get("steps", 20),
-        sampler=get_sampler(s.get("sampler", "euler_a")).display_name, schedule=s.get("schedule", "default"),
-        cfg=pipe.default_cfg if s.get("cfg") is None else s["cfg"], seed=s["seed"],
-        width=s.get("width") or pipe.default_size, height=s.get("height") or pipe.default_size,
-        clip_skip=s.get("clip_skip") or pipe.clip_skip, strength=None)
+    r = GenerationRequest.from_kwargs(job.prompt, **job.settings).resolved(pipe)
+    text = pipe.parameters_text(r, 0, r.seed, get_sampler(r.sampler).display_name, r.width, r.height)
     return with_loras(text, job.loras)
 
 
@@ -150,12 +146,7 @@ def is_done(path: Path, parameters: str) -> bool:
 
 def generate_one(pipe: Any, job: BatchJob, path: Path) -> None:
     """Make one job's image with its LoRAs applied and save it with its parameters."""
-    base = pipe.loras
-    pipe.loras = [*base, *job.loras]
-    try:
-        image = pipe(job.prompt, **job.settings)[0]
-    finally:
-        pipe.loras = base
+    image = pipe(job.prompt, **job.settings, loras=job.loras)[0]
     image.info["parameters"] = with_loras(image.info["parameters"], job.loras)
     save_png(image, path)
 

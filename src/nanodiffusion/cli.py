@@ -18,16 +18,20 @@ from .errors import NanoDiffusionError
 
 def _generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpaint from the command line; writes PNGs with their parameters."""
-    from .images import image_grid, load_image, save_png
+    from .images import image_grid, save_png
     from .lora_files import check_lora_weight, parse_lora_arg
     from .pipeline import Pipeline
 
+    if args.prompt_flag is not None:
+        if args.prompt is not None:
+            raise NanoDiffusionError("two prompts given (one positional, one -p): give one")
+        args.prompt = args.prompt_flag
     if (args.prompt is None) == (args.prompts is None):
         raise NanoDiffusionError("give either a prompt or --prompts FILE")
     loras = [parse_lora_arg(text) for text in args.lora]
     for file, weight in loras:
         check_lora_weight(weight, file)
-    paths = output_paths(args.output, 1 if args.grid else args.batch)
+    paths = output_paths(args.output, 1 if args.grid else args.batch * args.n_iter)
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
                          weights_dtype=args.weights_dtype, precision=args.precision)
     pipe.fast = fast_options(args)
@@ -42,16 +46,7 @@ def _generate(args: argparse.Namespace) -> None:
 
         run_batch(pipe, args)
         return
-    images = pipe(
-        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-        cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch,
-        init_image=load_image(args.init) if args.init else None, strength=args.strength,
-        mask=load_image(args.mask) if args.mask else None, clip_skip=args.clip_skip, eta=args.eta,
-        control_image=load_image(args.control_image) if args.control_image else None,
-        control_scale=args.control_scale,
-        callback=preview_writer(pipe, Path(args.preview)) if args.preview else None,
-        progress=True,
-    )
+    images = pipe(generation_request(args, pipe))
     if args.grid and len(images) > 1:
         grid = image_grid(images)
         grid.info["parameters"] = images[0].info["parameters"]
@@ -59,6 +54,26 @@ def _generate(args: argparse.Namespace) -> None:
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)
+
+
+def generation_request(args: argparse.Namespace, pipe: object) -> object:
+    """The GenerationRequest of `nanodiff generate`'s flags."""
+    from .images import load_image
+    from .request import GenerationRequest, HiresFix
+
+    hires = None
+    if args.hires_scale or args.hires_width or args.hires_height:
+        hires = HiresFix(scale=args.hires_scale or 1.0, steps=args.hires_steps, strength=args.hires_strength,
+                         upscaler=args.hires_upscaler, width=args.hires_width, height=args.hires_height)
+    return GenerationRequest(
+        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+        cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch, n_iter=args.n_iter,
+        init_image=load_image(args.init) if args.init else None, strength=args.strength,
+        mask=load_image(args.mask) if args.mask else None, clip_skip=args.clip_skip, eta=args.eta,
+        control_image=load_image(args.control_image) if args.control_image else None,
+        control_scale=args.control_scale, subseed=args.subseed, subseed_strength=args.subseed_strength,
+        hires=hires, tiling=args.tiling,
+        callback=preview_writer(pipe, Path(args.preview)) if args.preview else None, progress=True)
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -197,7 +212,7 @@ def bounded_int(low: int, high: int, hint: str) -> Callable[[str], int]:
     return parse
 
 
-SEED = bounded_int(-1, 2**63 - 1, "use -1 (random) or 0 to 2**63-1")
+SEED = bounded_int(-1, 2**64 - 1, "use -1 (random) or 0 to 2**64-1")
 PORT = bounded_int(1, 65535, "use a port from 1 to 65535")
 
 
@@ -215,22 +230,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("-p", "--prompt", dest="prompt_flag", default=None, metavar="PROMPT",
+                     help="the prompt, as a flag (instead of the positional one)")
     gen.add_argument("--prompts", default=None, metavar="FILE",
                      help="batch: one prompt (or JSON object of settings) per line; works under accelerate launch")
     gen.add_argument("--outdir", default="outputs", help="batch: folder for the images (re-runs skip done ones)")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (batch: NAME-00.png, ...)")
-    gen.add_argument("--model", default=None, help="diffusers folder or .safetensors/.ckpt file "
+    gen.add_argument("-m", "--model", default=None, help="diffusers folder or .safetensors/.ckpt file "
                      "(default: the built-in model)")
     gen.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt")
-    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("-n", "--negative", "--negative-prompt", default="", help="negative prompt")
     gen.add_argument("--sampler", default="euler_a")
-    gen.add_argument("--schedule", default="default", help="sigma spacing: default, karras, exponential")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=finite_float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--schedule", "--scheduler", default="default",
+                     help="sigma spacing: default, karras, exponential")
+    gen.add_argument("-s", "--steps", type=int, default=20)
+    gen.add_argument("--cfg", "--cfg-scale", "--guidance-scale", type=finite_float, default=None,
+                     help="classifier-free guidance scale")
     gen.add_argument("--seed", type=SEED, default=None, help="-1 or none: random")
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("-W", "--width", type=int, default=None)
+    gen.add_argument("-H", "--height", type=int, default=None)
+    gen.add_argument("--batch", "--batch-size", type=int, default=1, help="images per iteration")
+    gen.add_argument("--n-iter", "--batch-count", type=int, default=1, help="iterations (batch count)")
+    gen.add_argument("--subseed", type=SEED, default=None, help="variation seed (-1 or none: random)")
+    gen.add_argument("--subseed-strength", type=finite_float, default=0.0,
+                     help="how far towards the variation seed's image: 0 (none) to 1")
+    gen.add_argument("--tiling", action="store_true", help="seamless tiling (circular padding)")
+    hires = gen.add_argument_group("hires fix: sample small, upscale, then an img2img pass at the larger size")
+    hires.add_argument("--hires-scale", type=finite_float, default=0.0, metavar="F", help="upscale factor (e.g. 2)")
+    hires.add_argument("--hires-width", type=int, default=0)
+    hires.add_argument("--hires-height", type=int, default=0)
+    hires.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0: the first pass's)")
+    hires.add_argument("--hires-strength", type=finite_float, default=0.7, help="second-pass denoising strength")
+    hires.add_argument("--hires-upscaler", default="latent", choices=["latent", "latent-nearest", "lanczos"])
     gen.add_argument("--grid", action="store_true", help="write the batch as one grid image")
     gen.add_argument("--init", default=None, help="init image for img2img")
     gen.add_argument("--strength", type=finite_float, default=0.75)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -32,12 +31,14 @@ from .images import mask_to_tensor, to_pil, to_tensor
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
 from .models.controlnet import controlnet_unet
 from .models.layout import layout_noise
-from .prompts import check_prompt, encode_prompts, format_parameters, prompt_warnings
-from .samplers import check_eta, get_sampler
+from .noise import seeded_noise
+from .prompts import encode_prompts, format_parameters, prompt_warnings
+from .request import GenerationRequest, GenerationResult, check_size
+from .samplers import get_sampler
 from .schedules import NoiseSchedule
+from .tiling import circular_padding
 
-MAX_BATCH = 64
-MAX_SIDE = 2048
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
 SMALL_WORK = 1e10  # latent cells x UNet parameters below which one thread is faster (the built-in model: 2e9)
 EXACT_PREVIEW_CELLS = 32 * 32  # latents this small are previewed with the real VAE decode
 
@@ -93,11 +94,7 @@ class Pipeline:
 
     def check_size(self, width: int, height: int) -> None:
         """Sizes must be positive multiples of 8 (and of the VAE factor) and not absurdly large."""
-        step = max(8, self.vae_scale)
-        for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % step or value > MAX_SIDE:
-                raise NanoDiffusionError(
-                    f"{name} {value} is not allowed: use a multiple of {step} between {step} and {MAX_SIDE}")
+        check_size(width, height, max(8, self.vae_scale))
 
     def encode_text(self, prompts: list[str], negatives: list[str],
                     clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,99 +140,90 @@ class Pipeline:
             self.previewer = LatentPreview.fit(self.vae, self.vae_scale)
         return to_pil(self.previewer(latents))
 
-    def __call__(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        steps: int = 20,
-        sampler: str = "euler_a",
-        schedule: str = "default",
-        cfg: float | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch: int = 1,
-        init_image: Image.Image | None = None,
-        strength: float = 0.75,
-        mask: Image.Image | None = None,
-        eta: float | None = None,
-        clip_skip: int | None = None,
-        control_image: Image.Image | None = None,
-        control_scale: float = 1.0,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        progress: bool = False,
-        step_callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
-    ) -> list[Image.Image]:
-        """Generate `batch` images (seeds seed, seed+1, ...); each carries its PNG parameters text."""
-        check_prompt(prompt, "prompt")
-        check_prompt(negative_prompt, "negative prompt")
-        text, tagged = self.prompt_loras(prompt)
-        for message in prompt_warnings(self.tokenizer, text):
-            warnings.warn(message, PromptWarning, stacklevel=2)
-        cells = (width or self.default_size) * (height or self.default_size) // self.vae_scale**2
+    def __call__(self, prompt: str | list[str] | GenerationRequest | None = None,
+                 negative_prompt: str | list[str] | None = None, **settings: Any) -> GenerationResult:
+        """Generate images for a GenerationRequest, or for its settings as keywords (ours or diffusers' names:
+        num_inference_steps, guidance_scale, generator, ...). Returns the images (a list with `.images`), `batch`
+        per iteration with seeds seed, seed + 1, ...; each carries its PNG parameters text."""
+        if isinstance(prompt, GenerationRequest):
+            if negative_prompt is not None or settings:
+                raise NanoDiffusionError("pass a GenerationRequest alone, or settings as keywords, not both")
+            return self.run(prompt)
+        return self.run(GenerationRequest.from_kwargs(prompt, negative_prompt, **settings))
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Check the request, apply its LoRAs (the pipeline's, the request's and the prompts' <lora:...> tags),
+        fast paths and tiling, and generate its n_iter iterations."""
+        r = request.resolved(self)
+        texts, tagged = self.strip_lora_tags(r.prompt)
+        for text in dict.fromkeys(texts):
+            for message in prompt_warnings(self.tokenizer, text):
+                warnings.warn(message, PromptWarning, stacklevel=3)
+        cells = r.width * r.height // self.vae_scale**2
         work = cells * sum(p.numel() for p in self.unet.parameters())
-        with self.lora_applied(self.loras + tagged), thread_budget(work), fast_paths(self.unet, self.fast):
-            return self.generate(
-                text, negative_prompt, steps=steps, sampler=sampler, schedule=schedule, cfg=cfg, seed=seed,
-                width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
-                eta=eta, clip_skip=clip_skip, control_image=control_image, control_scale=control_scale,
-                callback=callback, progress=progress, shown_prompt=prompt, step_callback=step_callback)
+        images = GenerationResult()
+        with self.lora_applied([*self.loras, *r.loras, *tagged]), thread_budget(work), fast_paths(self.unet, r.fast), \
+                circular_padding([self.unet, self.vae, r.controlnet] if r.tiling else []):
+            for iteration in range(r.n_iter):
+                images += self.generate(r, texts, [r.seed + iteration * r.batch + i for i in range(r.batch)])
+        return images
 
-    def generate(self, prompt: str, negative_prompt: str, *, steps: int, sampler: str, schedule: str,
-                 cfg: float | None, seed: int | None, width: int | None, height: int | None, batch: int,
-                 init_image: Image.Image | None, strength: float, mask: Image.Image | None, eta: float | None,
-                 clip_skip: int | None, control_image: Image.Image | None, control_scale: float,
-                 callback: Callable[[int, int, torch.Tensor], None] | None,
-                 progress: bool, shown_prompt: str,
-                 step_callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
-                 ) -> list[Image.Image]:
-        """The sampling loop of __call__, with LoRAs already applied and tags removed from the prompt."""
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
-        cfg = self.default_cfg if cfg is None else cfg
-        if not math.isfinite(cfg):
-            raise NanoDiffusionError(f"cfg {cfg} is not allowed: use a finite number such as 7")
-        clip_skip = clip_skip or self.clip_skip
-        self.check_size(width, height)
-        if not 1 <= batch <= MAX_BATCH:
-            raise NanoDiffusionError(f"batch {batch} is not allowed: use 1 to {MAX_BATCH}")
-        if (self.controlnet is None) != (control_image is None):
-            raise NanoDiffusionError("a ControlNet needs a control image and a control image needs a ControlNet: "
-                                     "pass both --controlnet FILE and --control-image IMAGE")
-        if self.controlnet is not None and mask is not None and self.is_inpainting_model:
-            raise NanoDiffusionError("ControlNet with a 9-channel inpainting model is not supported: "
-                                     "inpaint with an ordinary checkpoint instead")
-        if self.fast.deepcache > 1 and self.controlnet is not None:
-            raise NanoDiffusionError("DeepCache with a ControlNet is not supported: turn --deepcache off")
-        if mask is not None and init_image is None:
-            raise NanoDiffusionError("a mask needs an init image to inpaint: pass --init IMAGE too")
-        if init_image is not None and not 0.0 < strength <= 1.0:
-            raise NanoDiffusionError(f"strength {strength} is not allowed: use a value in (0, 1]")
-        info = get_sampler(sampler)
-        seed = random.randrange(2**32) if seed is None or seed < 0 else seed
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-        if eta is not None:
-            check_eta(eta)
-        options = {"eta": eta} if eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
+    def strip_lora_tags(self, prompts: list[str]) -> tuple[list[str], list[tuple[Path, float]]]:
+        """The prompts without their <lora:NAME:W> tags, and the tags' LoRAs (the same in every prompt of a batch:
+        one batch runs one set of weights)."""
+        stripped = [self.prompt_loras(text) for text in prompts]
+        if any(loras != stripped[0][1] for _, loras in stripped):
+            raise NanoDiffusionError("the prompts of one batch name different <lora:...> tags: generate them "
+                                     "separately, or give every prompt the same tags")
+        return [text for text, _ in stripped], stripped[0][1]
 
+    def generate(self, r: GenerationRequest, texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One iteration of a resolved request (LoRAs applied, tags removed): sample, hires-fix, decode, label."""
+        latents = self.sample(r, texts, seeds, r.width, r.height, r.steps)
+        width, height = r.width, r.height
+        if r.hires is not None:
+            width, height = r.hires.target(r.width, r.height)
+            known = self.upscale(latents, r.hires.upscaler, width, height, seeds)
+            run = r.hires.steps or r.steps   # the second pass runs exactly this many steps (as the web UI's does)
+            total = int(run / min(r.hires.strength, 0.999))
+            latents = self.sample(r, texts, seeds, width, height, total, known=known, start=total - run)
+        images = to_pil(self.decode(latents))
+        info = get_sampler(r.sampler)
+        for i, out in enumerate(images):
+            out.info["parameters"] = self.parameters_text(r, i, seeds[i], info.display_name, width, height)
+        return images
+
+    def sample(self, r: GenerationRequest, texts: list[str], seeds: list[int], width: int, height: int, steps: int,
+               known: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """The sampling loop: scaled latents of one image per seed. txt2img from seeded noise; img2img from the
+        request's init image noised to the sigma that its strength selects, or from `known` latents (the hires
+        fix's second pass) noised to the sigma of step `start`; inpainting as the module docstring says."""
+        batch = len(seeds)
+        info = get_sampler(r.sampler)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        options = {"eta": r.eta} if r.eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
         noise_schedule = info.schedule(self.schedule)   # keys the config lacks: this sampler's diffusers defaults
-        sigmas = info.sigmas(noise_schedule, steps, schedule)
-        cond, uncond = self.encode_text([prompt] * batch, [negative_prompt] * batch, clip_skip)
+        sigmas = info.sigmas(noise_schedule, steps, r.schedule)
+        cond, uncond = self.encode_text(texts, r.negative_prompt, r.clip_skip)
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        net = self.unet_function(control_image, control_scale, width, height)
+        net = self.unet_function(r.control_image, r.control_scale, width, height, r.controlnet)
         cond, uncond = self.guidance_inputs(cond, uncond, generators, *shape[-2:])
-        known = None
-        if init_image is not None:
-            image = to_tensor(init_image, (width, height)).expand(batch, -1, -1, -1)
-            start = steps - min(int(steps * strength), steps)
-            sigmas = info.truncate(sigmas, start)
-            if len(sigmas) < 2:
-                raise NanoDiffusionError(f"strength {strength} with {steps} steps leaves nothing to do: "
-                                         "raise the strength or the steps")
+        mask = r.mask if known is None else None
+        img2img = known is not None or r.init_image is not None
+        if known is None and r.init_image is not None:
+            start = steps - min(int(steps * r.strength), steps)
+            image = to_tensor(r.init_image, (width, height)).expand(batch, -1, -1, -1)
             if start > 0 or mask is None or not self.is_inpainting_model:
                 known = self.encode_image(image, generators)
-        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        if img2img:
+            sigmas = info.truncate(sigmas, start)
+            if len(sigmas) < 2:
+                raise NanoDiffusionError(f"strength {r.strength} with {steps} steps leaves nothing to do: "
+                                         "raise the strength or the steps")
+        resize = None if r.seed_resize_from is None else (
+            *shape[:2], r.seed_resize_from[1] // self.vae_scale, r.seed_resize_from[0] // self.vae_scale)
+        noise = torch.cat([seeded_noise(shape, g, r.subseed + i, r.subseed_strength, resize)
+                           for i, g in enumerate(generators)])
         if known is None or (mask is not None and start == 0):
             x = noise * info.initial_noise_scale(sigmas, noise_schedule)
         else:
@@ -251,36 +239,41 @@ class Pipeline:
                 denoiser = Denoiser(net, noise_schedule, self.prediction, info.multistep)
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
-        guided = info.clipped(cfg_denoiser(denoiser, cond, uncond, cfg, self.fast.guidance_min_sigma(sigmas)),
+        guided = info.clipped(cfg_denoiser(denoiser, cond, uncond, r.cfg, r.fast.guidance_min_sigma(sigmas)),
                               noise_schedule)
 
-        bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not r.progress, leave=False)
 
         def on_step(i: int, sigma: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update(1)
             if not torch.isfinite(x).all():
                 raise NanoDiffusionError(f"sampling diverged at step {i + 1} of {len(sigmas) - 1} (NaN or inf in the "
-                                         f"latents); likely cause: {self.divergence_cause(cfg, shown_prompt)}")
-            if step_callback is not None:   # (step, sigma, x entering the step, its guided x0 estimate)
-                step_callback(i, float(sigma), entering[0], denoised)
+                                         f"latents); likely cause: {self.divergence_cause(r.cfg, r.prompt[0])}")
+            if r.step_callback is not None:   # (step, sigma, x entering the step, its guided x0 estimate)
+                r.step_callback(i, float(sigma), entering[0], denoised)
             entering[0] = x
-            if callback is not None:
-                callback(i + 1, len(sigmas) - 1, denoised)
+            if r.callback is not None:
+                r.callback(i + 1, len(sigmas) - 1, denoised)
 
         entering = [x]
         with torch.no_grad():
             x = info.fn(guided, x, sigmas, generator=generators, callback=on_step, **options)
         bar.close()
         final_sigma = float(sigmas[-1])
-        if final_sigma > 0:
-            x = x / math.sqrt(1 + final_sigma**2)
-        images = to_pil(self.decode(x))
-        for i, out in enumerate(images):
-            out.info["parameters"] = self.parameters_text(
-                shown_prompt, negative_prompt, steps=steps, sampler=info.display_name, schedule=schedule,
-                cfg=cfg, seed=seed + i, width=width, height=height, clip_skip=clip_skip,
-                strength=strength if init_image is not None else None)
-        return images
+        return x / math.sqrt(1 + final_sigma**2) if final_sigma > 0 else x
+
+    @torch.no_grad()
+    def upscale(self, latents: torch.Tensor, upscaler: str, width: int, height: int,
+                seeds: list[int]) -> torch.Tensor:
+        """The hires fix's upscale: latents resized (bilinear / nearest), or decoded, Lanczos-resized and encoded
+        again (one posterior sample per seed)."""
+        size = (height // self.vae_scale, width // self.vae_scale)
+        if upscaler.startswith("latent"):
+            mode = "nearest" if upscaler == "latent-nearest" else "bilinear"
+            return torch.nn.functional.interpolate(latents, size=size, mode=mode)
+        pixels = torch.cat([to_tensor(image.resize((width, height), Image.LANCZOS))
+                            for image in to_pil(self.decode(latents))])
+        return self.encode_image(pixels, [torch.Generator().manual_seed(seed) for seed in seeds])
 
     def divergence_cause(self, cfg: float, shown_prompt: str) -> str:
         """The most likely reason sampling produced NaN / inf, for the error message."""
@@ -292,26 +285,37 @@ class Pipeline:
             return "a LoRA weight too large or a LoRA for another model: lower its weight"
         return "an emphasis weight too large, or half-precision weights that overflow: try --weights-dtype float32"
 
-    def parameters_text(self, prompt: str, negative: str, *, steps: int, sampler: str, schedule: str,
-                        cfg: float, seed: int, width: int, height: int, clip_skip: int,
-                        strength: float | None) -> str:
-        """The generation parameters in the popular web UI's PNG "parameters" layout."""
-        return format_parameters(prompt, negative, {
-            "Steps": steps, "Sampler": sampler,
-            "Schedule type": None if schedule == "default" else schedule.capitalize(),
-            "CFG scale": f"{cfg:g}", "Seed": seed, "Size": f"{width}x{height}",
+    def parameters_text(self, r: GenerationRequest, i: int, seed: int, sampler: str, width: int,
+                        height: int) -> str:
+        """Image i's generation parameters in the popular web UI's PNG "parameters" layout."""
+        hires, variation = r.hires, r.subseed_strength > 0
+        return format_parameters(r.prompt[i], r.negative_prompt[i], {
+            "Steps": r.steps, "Sampler": sampler,
+            "Schedule type": None if r.schedule == "default" else r.schedule.capitalize(),
+            "CFG scale": f"{r.cfg:g}", "Seed": seed, "Size": f"{r.width}x{r.height}",
             "Model hash": self.model_hash or None, "Model": self.name,
-            "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
+            "Denoising strength": r.strength if r.init_image is not None else hires and hires.strength,
+            "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+            "Variation seed": r.subseed + seed - r.seed if variation else None,
+            "Variation seed strength": r.subseed_strength if variation else None,
+            "Seed resize from": "{}x{}".format(*r.seed_resize_from) if r.seed_resize_from else None,
+            "Hires upscale": f"{hires.scale:g}" if hires and not (hires.width or hires.height) else None,
+            "Hires resize": f"{width}x{height}" if hires and (hires.width or hires.height) else None,
+            "Hires steps": hires.steps or None if hires else None,
+            "Hires upscaler": HIRES_UPSCALER_NAMES[hires.upscaler] if hires else None,
+            "Tiling": True if r.tiling else None,
             "Version": "nanodiffusion",
         })
 
     def unet_function(self, control_image: Image.Image | None, control_scale: float, width: int,
-                      height: int) -> Callable[..., torch.Tensor]:
+                      height: int, controlnet: torch.nn.Module | None = None) -> Callable[..., torch.Tensor]:
         """The network as the denoiser calls it: net(x_in, t, context=..., [layout=...]) -> prediction
-        (ControlNet-steered when a ControlNet is loaded; reading the slot map when the model has a layout stage)."""
-        if self.controlnet is not None:
+        (ControlNet-steered with `controlnet`, by default the pipeline's; reading the slot map when the model has a
+        layout stage)."""
+        controlnet = self.controlnet if controlnet is None else controlnet
+        if controlnet is not None:
             image = prepare_control_image(control_image, width, height)
-            net = controlnet_unet(self.unet, self.controlnet, image, control_scale)
+            net = controlnet_unet(self.unet, controlnet, image, control_scale)
         else:
             unet = self.unet
 

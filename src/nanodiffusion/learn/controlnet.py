@@ -47,17 +47,15 @@ def run(out: Path, lesson) -> Path:
     rows, tiles = [], []
     for i, (_, text, mask) in enumerate(cases):
         tiles.append(mask)
-        pipe.controlnet = None
         plain = pipe(text, steps=STEPS, sampler="euler", seed=i)[0]
         tiles.append(plain)
         row = [text, foreground_iou(plain, mask)]
-        pipe.controlnet = controlnet
         for scale in SCALES[1:]:
-            image = pipe(text, steps=STEPS, sampler="euler", seed=i, control_image=mask, control_scale=scale)[0]
+            image = pipe(text, steps=STEPS, sampler="euler", seed=i, controlnet=controlnet, control_image=mask,
+                         control_scale=scale)[0]
             tiles.append(image)
             row.append(foreground_iou(image, mask))
         rows.append(row)
-    pipe.controlnet = None
     page.image(image_grid(tiles, columns=2 + len(SCALES) - 1), "control",
                "Each row: the layout mask, the image without ControlNet, with it at scale "
                f"{', '.join(f'{s:g}' for s in SCALES[1:])} (same seed)")

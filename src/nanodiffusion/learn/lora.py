@@ -60,12 +60,10 @@ def run(out: Path, lesson) -> Path:
         for i, text in enumerate(PROMPTS):
             row = [text]
             for weight in WEIGHTS:
-                pipe.loras = [(path, weight)] if weight else []
-                image = pipe(text, steps=STEPS, sampler="euler", seed=i)[0]
+                image = pipe(text, steps=STEPS, sampler="euler", seed=i, loras=[(path, weight)] if weight else [])[0]
                 tiles.append(image)
                 row.append(style_share(image))
             rows.append(row)
-        pipe.loras = []
         network = load_lora(path, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
         name, layer = max(network.layers().items(), key=lambda item: item[1].delta_weight().numel())
         delta = layer.delta_weight().detach().flatten(1).float()
