@@ -9,6 +9,9 @@ Rectified flow ("flow", Liu et al. 2023; Esser et al. 2024) trains on x_s = (1 -
 u = eps - x0. Dividing by (1 - s) gives x = x0 + sigma eps with sigma = s / (1 - s), so s = sigma / (1 + sigma):
     flow          F = u,  c_in = 1/(1+sigma),  c_skip = 1/(1+sigma),  c_out = -sigma/(1+sigma),
 and the network's timestep is num_train_timesteps * s (diffusers' FlowMatch convention) instead of sigma_to_t.
+A flow model's schedule starts at s = 1, sigma = inf, where x = x0 + sigma eps has no finite value: there D takes
+x as the noise eps itself (the limit of x / (1 + sigma)), c_in = c_skip = 1, c_out = -1, so D = eps - u at s = 1
+(flow_schedule.step_from_noise takes the first step from it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import choice_error
+from .flow_schedule import FlowSchedule, flow_time
 from .schedules import NoiseSchedule
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
@@ -31,8 +35,8 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 class Denoiser:
     """Wrap `model(x_in, t, **cond) -> prediction` as D(x, sigma, **cond) -> x0 (Karras et al. 2022, eq. 7)."""
 
-    def __init__(self, model: Callable[..., torch.Tensor], schedule: NoiseSchedule, prediction: str | None = None,
-                 round_timesteps: bool = False):
+    def __init__(self, model: Callable[..., torch.Tensor], schedule: NoiseSchedule | FlowSchedule,
+                 prediction: str | None = None, round_timesteps: bool = False):
         prediction = prediction or schedule.prediction_type
         if prediction not in PREDICTIONS:
             raise choice_error("prediction type", prediction, list(PREDICTIONS))
@@ -42,8 +46,9 @@ class Denoiser:
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in) for this prediction type; see the module docstring."""
         if self.prediction == "flow":
-            c = 1 / (1 + sigma)
-            return c, -sigma * c, c
+            finite = sigma.isfinite()
+            c = torch.where(finite, 1 / (1 + sigma), 1.0)
+            return c, torch.where(finite, -sigma * c, -1.0), c
         c_in = (sigma**2 + 1) ** -0.5
         if self.prediction == "epsilon":
             return torch.ones_like(sigma), -sigma, c_in
@@ -54,7 +59,7 @@ class Denoiser:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's timestep for noise level sigma."""
         if self.prediction == "flow":
-            return self.schedule.num_train_timesteps * sigma / (1 + sigma)
+            return self.schedule.num_train_timesteps * flow_time(sigma)
         t = self.schedule.sigma_to_t(sigma)
         return t.round() if self.round_timesteps else t
 

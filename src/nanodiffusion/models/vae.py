@@ -2,7 +2,8 @@
 decoder -> x' (LDM, Rombach et al. 2022, §3 and App. G; Kingma & Welling 2014).
 
 Config fields and state_dict keys are diffusers' AutoencoderKL's (encoder.mid_block.attentions.0.to_q, ...).
-Latents fed to the diffusion model are z * scaling_factor (0.18215 for SD 1.x / 2.x).
+Latents fed to the diffusion model are (z - shift_factor) * scaling_factor: 0.18215 and no shift for SD 1.x / 2.x;
+SD3's 16-channel autoencoder (no quant convs) has scaling_factor 1.5305 and shift_factor 0.0609.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    shift_factor: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
@@ -173,8 +175,16 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(h if self.quant_conv is None else self.quant_conv(h))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images in about [-1, 1] from unscaled latents z (divide diffusion latents by scaling_factor first)."""
+        """Images in about [-1, 1] from autoencoder latents z (unscale_latents of diffusion latents)."""
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        """Diffusion latents (z - shift_factor) * scaling_factor from autoencoder latents z."""
+        return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+
+    def unscale_latents(self, latents: Tensor) -> Tensor:
+        """Autoencoder latents z = latents / scaling_factor + shift_factor, for decode."""
+        return latents / self.config.scaling_factor + (self.config.shift_factor or 0.0)
 
     def forward(self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Reconstruction decode(z), z sampled from q(z|x) or its mean."""
