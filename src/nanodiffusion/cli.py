@@ -240,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the built-in model)")
     gen.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt")
     gen.add_argument("-n", "--negative", "--negative-prompt", default="", help="negative prompt")
-    gen.add_argument("--sampler", default="euler_a")
+    gen.add_argument("--sampler", default=None, help="sampler id or web-UI name (default: the model's, Euler a)")
     gen.add_argument("--schedule", "--scheduler", default="default",
                      help="sigma spacing: default, karras, exponential")
-    gen.add_argument("-s", "--steps", type=int, default=20)
+    gen.add_argument("-s", "--steps", type=int, default=None, help="sampling steps (default: the model's, 20)")
     gen.add_argument("--cfg", "--cfg-scale", "--guidance-scale", type=finite_float, default=None,
                      help="classifier-free guidance scale")
     gen.add_argument("--seed", type=SEED, default=None, help="-1 or none: random")

@@ -61,6 +61,8 @@ class Pipeline:
     model_hash: str = ""
     default_size: int = 512
     default_cfg: float = 7.0
+    default_steps: int = 20
+    default_sampler: str = "euler_a"
     clip_skip: int = 1
     loras: list[tuple[Path, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None

@@ -64,8 +64,8 @@ class GenerationRequest:
 
     prompt: str | list[str]
     negative_prompt: str | list[str] = ""
-    steps: int = 20
-    sampler: str = "euler_a"
+    steps: int | None = None            # None: the model's default (20; 4 for a few-step model)
+    sampler: str | None = None          # None: the model's default ("euler_a"; "lcm" for a few-step model)
     schedule: str = "default"
     cfg: float | None = None            # None: the model's default
     seed: int | None = None             # None or < 0: a random seed
@@ -143,9 +143,11 @@ class GenerationRequest:
         check_size(width, height, max(8, pipe.vae_scale))
         check_count("batch", batch, MAX_BATCH)
         check_count("n_iter", self.n_iter, MAX_N_ITER)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise NanoDiffusionError(f"steps {self.steps!r} is not allowed: use a whole number of at least 1")
-        get_sampler(self.sampler)
+        steps = pipe.default_steps if self.steps is None else self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise NanoDiffusionError(f"steps {steps!r} is not allowed: use a whole number of at least 1")
+        sampler = pipe.default_sampler if self.sampler is None else self.sampler
+        get_sampler(sampler)
         if self.eta is not None:
             check_eta(self.eta)
         controlnet = pipe.controlnet if self.controlnet is None else self.controlnet
@@ -173,7 +175,8 @@ class GenerationRequest:
         seed = random.randrange(2**32) if self.seed is None or self.seed < 0 else self.seed
         subseed = random.randrange(2**32) if self.subseed is None or self.subseed < 0 else self.subseed
         return dataclasses.replace(
-            self, prompt=prompts, negative_prompt=negatives, batch=batch, width=width, height=height, cfg=cfg,
+            self, prompt=prompts, negative_prompt=negatives, steps=steps, sampler=sampler, batch=batch, width=width,
+            height=height, cfg=cfg,
             seed=seed, subseed=subseed, clip_skip=self.clip_skip or pipe.clip_skip, controlnet=controlnet,
             fast=fast)
 
