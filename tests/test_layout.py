@@ -25,18 +25,31 @@ def test_scene_boxes_follow_the_prompt_order():
     assert ShapesDataset(10).boxes(7) == boxes
 
 
-def test_paint_fills_each_box_with_its_slot_feature_and_nothing_elsewhere():
+def test_paint_fills_each_box_with_its_embedded_attributes_and_nothing_elsewhere():
     torch.manual_seed(0)
     model = LayoutModel(TINY)
     slots = torch.randn(1, 4, TINY.dim)
     boxes = torch.tensor([[[1.0, 0.25, 0.25, 0.15], [1.0, 0.75, 0.75, 0.15], [0.0, 0.5, 0.5, 0.3],
                            [0.0, 0.0, 0.0, 0.0]]])
     painted = model.paint(boxes, slots, 16, 16)
-    features = model.map_proj(slots)[0]
+    features = model.map_proj(model.attributes(slots))[0]
     torch.testing.assert_close(painted[0, :, 4, 4], features[0], atol=0.02, rtol=0.02)   # centre of box 0 (soft edge)
     torch.testing.assert_close(painted[0, :, 12, 12], features[1], atol=0.02, rtol=0.02)
     assert painted[0, :, 4, 12].abs().max() < 1e-3   # outside both boxes; the absent slot paints nothing
     assert painted[0, :, 8, 8].abs().max() < 1e-3
+
+
+def test_attributes_are_the_heads_distributions_so_the_map_adds_a_colour_and_a_shape_embedding():
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    slots = torch.randn(2, 4, TINY.dim)
+    attributes = model.attributes(slots)
+    colours, shapes = attributes.split(TINY.slot_classes, -1)
+    torch.testing.assert_close(colours.sum(-1), torch.ones(2, 4))
+    torch.testing.assert_close(shapes, model.slot_heads[1](slots).softmax(-1))
+    colour_part, shape_part = model.map_proj.weight.split(TINY.slot_classes, 1)
+    torch.testing.assert_close(model.map_proj(attributes), colours @ colour_part.T + shapes @ shape_part.T
+                               + model.map_proj.bias)
 
 
 def test_box_flow_learns_a_layout_per_text():
@@ -93,7 +106,7 @@ def test_overlapping_footprints_mix_features_instead_of_adding_them():
     same_place = torch.tensor([[[1.0, 0.5, 0.5, 0.2], [1.0, 0.5, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0],
                                 [0.0, 0.0, 0.0, 0.0]]])
     painted = model.paint(same_place, slots, 16, 16)[0, :, 8, 8]
-    features = model.map_proj(slots)[0]
+    features = model.map_proj(model.attributes(slots))[0]
     torch.testing.assert_close(painted, (features[0] + features[1]) / 2, atol=1e-4, rtol=1e-4)
 
 
@@ -109,6 +122,8 @@ def test_fine_tuning_objective_draws_the_slot_map_from_the_text_when_boxes_are_u
     torch.manual_seed(2)
     context_dim = pipe.text_encoder.config.hidden_size
     layout = LayoutModel(LayoutConfig.from_dict({**TINY.__dict__, "context_dim": context_dim})).eval()
+    with torch.no_grad():
+        layout.box_out.bias[0] = -5.0   # velocity eps - b0 with presence b0 ~ +5: every slot is present
     unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=16, in_channels=4 + TINY.map_channels,
                                                 cross_attention_dim=context_dim))
     objective = DiffusionObjective(unet, pipe.text_encoder, pipe.schedule.alphas_cumprod,

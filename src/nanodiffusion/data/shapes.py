@@ -213,10 +213,14 @@ def scene_boxes(scene: Scene, slots: int = 4) -> list[tuple[float, float, float,
     return boxes + [(0.0, 0.0, 0.0, 0.0)] * (slots - len(boxes))
 
 
+ANY_COLOR = len(COLORS)   # the colour class of an object whose colour the prompt leaves open
+
+
 def scene_labels(scene: Scene, slots: int = 4) -> list[tuple[int, int]]:
-    """Per object slot, in the prompt's order: (colour index or -1 where the prompt leaves it open, shape index);
-    absent slots (-1, -1)."""
-    labels = [(COLORS.index(color) if color else -1, SHAPES.index(shape)) for shape, color in scene.prompt.objects]
+    """Per object slot, in the prompt's order: (colour index, ANY_COLOR where the prompt leaves it open, shape
+    index); absent slots (-1, -1)."""
+    labels = [(COLORS.index(color) if color else ANY_COLOR, SHAPES.index(shape))
+              for shape, color in scene.prompt.objects]
     return labels + [(-1, -1)] * (slots - len(labels))
 
 

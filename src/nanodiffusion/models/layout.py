@@ -6,10 +6,13 @@ from the training scenes (no hand-written parsing, nothing drawn by code):
      Carion et al. 2020); slot k becomes "the k-th object the prompt names" (its colour, shape, role);
   2. boxes: a small rectified-flow model (Liu et al. 2023) samples every slot's box b_k = (presence, cx, cy,
      half side) given the slots and the text, so layouts vary with the seed as the training scenes do;
-  3. paint: each present slot's feature, projected to `map_channels`, fills a soft square footprint of its box
-     on the latent grid. The UNet takes [z_t, map] as its input channels (as SD's inpainting UNet takes extra
-     channels), so shape, colour and edges are drawn by denoising; the map says where each slot is, and what
-     the text says of it.
+  3. paint: each present slot's attributes -- the slot heads' class distributions (colour, shape), trained on
+     the scenes' labels -- embedded linearly to `map_channels`, fill a soft square footprint of its box on the
+     latent grid. The UNet takes [z_t, map] as its input channels (as SD's inpainting UNet takes extra
+     channels), so shape, colour and edges are drawn by denoising; the map says where each slot is and what it
+     is. Being a sum of a colour embedding and a shape embedding, the map of a colour-shape pair never seen in
+     training is made of parts the UNet has seen (a map of raw slot features let the other object's colour leak
+     into an unseen pair: docs/builtin.md).
 Classifier-free guidance drops the map together with the text (the unconditional branch sees zeros).
 """
 
@@ -42,7 +45,7 @@ class LayoutConfig:
     slot_layers: int = 2
     box_layers: int = 3
     map_channels: int = 16
-    slot_classes: list[int] = dataclasses.field(default_factory=list)  # per attribute (e.g. colour, shape): classes
+    slot_classes: list[int] = dataclasses.field(default_factory=lambda: [7, 4])  # per attribute: classes
     sharpness: float = 100.0  # footprint edge steepness, per image width (10-90% rise over 0.7 latent cells of 16)
     sample_steps: int = 24
 
@@ -87,8 +90,8 @@ class LayoutModel(nn.Module):
                                         for _ in range(config.box_layers))
         self.box_norm = nn.LayerNorm(dim)
         self.box_out = Linear(dim, 4)
-        self.map_proj = Linear(dim, config.map_channels)
         self.slot_heads = nn.ModuleList(Linear(dim, n) for n in config.slot_classes)
+        self.map_proj = Linear(sum(config.slot_classes), config.map_channels)
         nn.init.zeros_(self.box_out.weight)
         nn.init.zeros_(self.box_out.bias)
 
@@ -102,6 +105,10 @@ class LayoutModel(nn.Module):
         for block in self.slot_blocks:
             h = block(h, context)
         return self.slot_norm(h)
+
+    def attributes(self, slots: Tensor) -> Tensor:
+        """Each slot's attribute distributions, softmax(head_i(slot)) for every head, concatenated (B, K, classes)."""
+        return torch.cat([head(slots).float().softmax(-1) for head in self.slot_heads], -1).to(slots.dtype)
 
     def slot_loss(self, slots: Tensor, labels: Tensor) -> Tensor:
         """Per-image cross-entropy of each slot's attributes (labels (B, K, attributes), -1 where unknown): an
@@ -137,7 +144,7 @@ class LayoutModel(nn.Module):
         return denormalize_boxes(b.float())
 
     def paint(self, boxes: Tensor, slots: Tensor, height: int, width: int) -> Tensor:
-        """Map (B, map_channels, height, width): every present slot's projected feature on its box's footprint,
+        """Map (B, map_channels, height, width): every present slot's embedded attributes on its box's footprint,
         a soft square w = sigmoid(sharpness (half side - max(|x - cx|, |y - cy|))). Where footprints overlap (never
         in the training scenes, sometimes in sampled layouts) the weights are divided by max(1, sum w), so the map
         stays a convex mix of slot features instead of growing past anything the UNet was trained on."""
@@ -147,7 +154,7 @@ class LayoutModel(nn.Module):
         distance = torch.maximum((xs - cx).abs(), (ys[:, None] - cy).abs())
         footprint = present * torch.sigmoid(self.config.sharpness * (size - distance))
         footprint = footprint / footprint.sum(1, keepdim=True).clamp(min=1.0)
-        return torch.einsum("bkhw,bkc->bchw", footprint.to(slots.dtype), self.map_proj(slots))
+        return torch.einsum("bkhw,bkc->bchw", footprint.to(slots.dtype), self.map_proj(self.attributes(slots)))
 
     @torch.no_grad()
     def forward(self, context: Tensor, noise: Tensor, height: int, width: int) -> Tensor:

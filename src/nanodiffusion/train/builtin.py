@@ -70,9 +70,10 @@ BUILTIN_UNET = {
 }
 
 # The layout stage (models/layout.py): slot reader, box flow model, slot map of 16 channels the UNet reads beside
-# its 4 latent channels (the UNet's in_channels become 4 + map_channels).
+# its 4 latent channels (the UNet's in_channels become 4 + map_channels). Slot attributes: colour (or "any colour"
+# where the prompt leaves it open) and shape.
 BUILTIN_LAYOUT = {"slots": 4, "dim": 128, "heads": 4, "slot_layers": 2, "box_layers": 3, "map_channels": 16,
-                  "sharpness": 100.0, "sample_steps": 24, "slot_classes": [len(COLORS), len(SHAPES)]}
+                  "sharpness": 100.0, "sample_steps": 24, "slot_classes": [len(COLORS) + 1, len(SHAPES)]}
 
 # Stable Diffusion's training schedule (scaled-linear betas 0.00085 -> 0.012 over 1000 steps), epsilon target.
 BUILTIN_SCHEDULER = {

@@ -4,7 +4,9 @@ Stage 2 trains the whole layout stage together with the UNet, 32 scenes a step. 
 reader (its slots name their objects within a few hundred steps) but not for the box flow model, which must learn
 a joint distribution of boxes that never overlap and that honour the relation: after stage 2 about half of its
 sampled two-object layouts overlapped. Boxes are four numbers per object, so here the flow model
-(`LayoutModel.flow_modules`) trains alone on hundreds of layouts a step. The text encoder, the slot reader and
+(`LayoutModel.flow_modules`) trains alone on hundreds of layouts a step, and on several layouts of every
+caption (the scene's own and fresh draws of its prompt): with one layout per caption its 3- and 4-object layouts
+overlapped in about one sample in six. The text encoder, the slot reader and
 the map projection stay as stage 2 left them (the UNet learnt to read their map), so the flow model sees the
 same slot features and text states it is sampled with.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -24,6 +27,8 @@ from .args import add_common_arguments, config_from_args
 from .builtin import LAYOUT_RECIPE, load_pipeline_parts, write_pipeline_folder
 from .data import batch_indices
 from .loop import TrainConfig, config_dict, train
+
+LAYOUTS_PER_CAPTION = 8
 
 
 class BoxFlowObjective(nn.Module):
@@ -48,20 +53,35 @@ def encode_scenes(text_encoder: nn.Module, layout: nn.Module, ids: torch.Tensor,
     return context, slots
 
 
+def caption_layouts(seed: int, size: int, count: int = LAYOUTS_PER_CAPTION) -> torch.Tensor:
+    """Boxes (count, size, slots, 4) of the training scenes' prompts: each scene's own layout, then count - 1 fresh
+    layouts of the same prompt (data/shapes.py draws them by the same rule)."""
+    from ..data.shapes import realize, scene_boxes, scene_caption
+
+    scenes = [scene_caption(seed, "train", i)[0] for i in range(size)]
+
+    def layout(v: int, i: int) -> list[tuple[float, float, float, float]]:
+        scene = scenes[i]
+        fresh = random.Random(f"layouts:{seed}:{i}:{v}")
+        return scene_boxes(scene if v == 0 else realize(scene.prompt, fresh, "train"))
+
+    return torch.tensor([[layout(v, i) for i in range(size)] for v in range(count)])
+
+
 def train_layout(config: TrainConfig, model_folder: Path, dataset_size: int = 20_000) -> Path:
     """Train the box flow model of a stage-2 pipeline folder; writes output/model (the folder with it replaced)."""
-    from ..data.shapes import ShapesDataset, scene_caption
+    from ..data.shapes import scene_caption
 
     unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(model_folder)
     scheduler = json.loads((Path(model_folder) / "scheduler" / "scheduler_config.json").read_text())
-    dataset = ShapesDataset(dataset_size, config.seed)
     ids = tokenizer([scene_caption(config.seed, "train", i)[1] for i in range(dataset_size)])
     context, slots = encode_scenes(text_encoder, layout, ids)
-    boxes = torch.tensor([dataset.boxes(i) for i in range(dataset_size)])
+    boxes = caption_layouts(config.seed, dataset_size)
 
     def batches(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         i = batch_indices(dataset_size, config.batch_size, config.seed, step, micro, rank)
-        return {"boxes": boxes[i], "slots": slots[i], "context": context[i]}
+        v = batch_indices(len(boxes), config.batch_size, config.seed + 1, step, micro, rank)
+        return {"boxes": boxes[v, i], "slots": slots[i], "context": context[i]}
 
     def finish(objective: nn.Module, output: Path) -> None:
         write_pipeline_folder(output / "model", unet, vae, text_encoder, tokenizer, scheduler,
