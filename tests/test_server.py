@@ -209,10 +209,18 @@ def test_sampler_names_and_schedulers(server, fake):
     assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("DPM++ 2M", "karras")
     server.post("/sdapi/v1/txt2img", json={"sampler_index": "Euler", "scheduler": "exponential", "steps": 2})
     assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("Euler", "exponential")
+    server.post("/sdapi/v1/txt2img", json={"sampler_name": "DDIM", "scheduler": "normal", "steps": 2})
+    assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("DDIM", "default")
+    server.post("/sdapi/v1/txt2img", json={"sampler_name": "k_dpmpp_2m", "steps": 2})   # Automatic -> Karras
+    assert (fake.calls[-1]["sampler"], fake.calls[-1]["schedule"]) == ("DPM++ 2M", "karras")
     response = server.post("/sdapi/v1/txt2img", json={"sampler_name": "Nope 3000", "steps": 2})
-    assert response.status_code == 422 and "Nope 3000" in response.json()["detail"]
-    response = server.post("/sdapi/v1/txt2img", json={"scheduler": "sgm_uniform", "steps": 2})
-    assert response.status_code == 422 and "karras" in response.json()["detail"]
+    info = json.loads(response.json()["info"])   # the web UI's fall-back, named in info
+    assert response.status_code == 200 and fake.calls[-1]["sampler"] == "DPM++ 2M"
+    assert info["warnings"] == ["sampler 'Nope 3000' is unknown: used DPM++ 2M"]
+    response = server.post("/sdapi/v1/txt2img", json={"sampler_name": "Euler", "scheduler": "sgm_uniform", "steps": 2})
+    info = json.loads(response.json()["info"])
+    assert fake.calls[-1]["schedule"] == "default" and info["scheduler"] == "Uniform"
+    assert "'sgm_uniform' is not implemented here: used Uniform" in info["warnings"][0]
 
 
 def test_catalog_endpoints(server, fake):
@@ -230,9 +238,14 @@ def test_catalog_endpoints(server, fake):
 def test_options_roundtrip(server, fake):
     options = server.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"].startswith("fake-model")
-    response = server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "other",
-                                                      "some_unknown_setting": 1})
+    response = server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "some_unknown_setting": 1})
     assert response.status_code == 200
+    refused = server.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"})
+    assert refused.status_code == 422 and options["sd_model_checkpoint"] in refused.json()["detail"]
+    refused = server.post("/sdapi/v1/options", json={"samples_format": "jpg"})
+    assert refused.status_code == 422 and "samples_format is fixed" in refused.json()["detail"]
+    posted_back = {**options, "CLIP_stop_at_last_layers": 2}   # Open WebUI posts back what it got
+    assert server.post("/sdapi/v1/options", json=posted_back).status_code == 200
     assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
     server.post("/sdapi/v1/txt2img", json={"steps": 2})
     assert fake.calls[-1]["clip_skip"] == 2
@@ -267,7 +280,10 @@ def test_progress_previews_and_interrupt(slow):
     assert slow.post("/sdapi/v1/interrupt").status_code == 200
     call["thread"].join(10)
     data = call["value"].json()
-    assert data["images"] == [] and json.loads(data["info"])["interrupted"] is True
+    info = json.loads(data["info"])   # the web UI returns the image as far as it got (SillyTavern reads it)
+    assert len(data["images"]) == 1 and info["interrupted"] is True and info["all_seeds"] == [3]
+    partial = decode_png(data["images"][0])
+    assert partial.size == (64, 64) and 0 < partial.getpixel((0, 0))[0] < 255   # x0 of a step, not the end
     assert slow.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
@@ -360,13 +376,45 @@ def test_body_size_limit_413(tmp_path):
 def test_basic_auth(tmp_path):
     with running(create_app(FakePipeline(), outputs=tmp_path, auth="alice:s3cret,bob:pw")) as url:
         with httpx.Client(base_url=url) as client:
-            response = client.get("/")
+            response = client.get("/sdapi/v1/options")
             assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Basic")
+            assert response.json() == {"error": "HTTPException", "detail": "authentication required", "body": "",
+                                       "errors": "401: authentication required"}   # the web UI's error shape
+            assert client.get("/").status_code == 200   # --api-auth locks the API only, as in the web UI
             assert client.get("/sdapi/v1/samplers", auth=("alice", "wrong")).status_code == 401
             assert client.get("/sdapi/v1/samplers", auth=("alice", "s3cret")).status_code == 200
             assert client.post("/sdapi/v1/txt2img", auth=("bob", "pw"), json={"steps": 1}).status_code == 200
     with pytest.raises(NanoDiffusionError, match="USER:PASS"):
         create_app(FakePipeline(), outputs=tmp_path, auth="no-colon")
+
+
+def test_gradio_auth_locks_the_web_page_only(tmp_path):
+    with running(create_app(FakePipeline(), outputs=tmp_path, ui_auth="carol:pw")) as url:
+        with httpx.Client(base_url=url) as client:
+            assert client.get("/").status_code == 401 and client.get("/api/config").status_code == 401
+            assert client.get("/", auth=("carol", "pw")).status_code == 200
+            assert client.get("/sdapi/v1/cmd-flags").status_code == 200
+    with pytest.raises(NanoDiffusionError, match="--gradio-auth must look like USER:PASS"):
+        create_app(FakePipeline(), outputs=tmp_path, ui_auth="carol")
+
+
+def test_cors_allows_the_named_origins_only(tmp_path):
+    app = create_app(FakePipeline(), outputs=tmp_path, cors_allow_origins=["http://app.example"],
+                     cors_allow_origins_regex=r"https://.*\.trusted\.example")
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        preflight = client.options("/sdapi/v1/txt2img", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        for origin in ("http://app.example", "https://ui.trusted.example"):
+            response = client.post("/sdapi/v1/txt2img", json={"steps": 1}, headers={"Origin": origin})
+            assert response.status_code == 200 and response.headers["access-control-allow-origin"] == origin
+        refused = client.post("/sdapi/v1/txt2img", json={"steps": 1}, headers={"Origin": "http://evil.example"})
+        assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+    with running(create_app(FakePipeline(), outputs=tmp_path)) as url, httpx.Client(base_url=url) as client:
+        refused = client.post("/sdapi/v1/txt2img", json={"steps": 1}, headers={"Origin": "http://app.example"})
+        assert refused.status_code == 403   # off by default
 
 
 def test_loopback_server_refuses_other_host_names(tmp_path):
@@ -635,3 +683,65 @@ def test_stalled_request_body_times_out(tmp_path):
                 if b"stalled" in answer:
                     break
         assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer
+
+
+@pytest.mark.parametrize("name, scheduler, expected", [
+    ("DDIM", "normal", ("ddim", "default")),                  # SillyTavern's defaults
+    ("DPM++ 2M", None, ("dpmpp_2m", "karras")),               # Automatic: the sampler's own schedule
+    ("DPM++ 2M SDE", "Automatic", ("dpmpp_2m_sde", "exponential")),
+    ("DPM++ 2M Karras", None, ("dpmpp_2m", "karras")),        # old combined names
+    ("LMS Karras", "exponential", ("lms", "karras")),         # the name's scheduler wins, as in the web UI
+    ("k_euler_a", None, ("euler_a", "default")),
+    ("euler_a", "default", ("euler_a", "default")),           # our ids and spacing names (the CLI's)
+    ("Euler", "Polyexponential", ("euler", "exponential")),   # rho 1: the same spacing
+    (None, None, ("euler", "default")),                       # the API's default sampler_index
+])
+def test_sampler_names_resolve_like_the_web_ui(name, scheduler, expected):
+    from nanodiffusion.sampler_names import resolve_sampler
+
+    assert resolve_sampler(name, scheduler) == (*expected, [])
+
+
+def test_unimplemented_sampler_names_fall_back_with_a_warning():
+    from nanodiffusion.sampler_names import WEB_SCHEDULERS, resolve_sampler
+
+    assert resolve_sampler("DPM++ 3M SDE", "beta") == ("dpmpp_2m", "karras", [
+        "sampler 'DPM++ 3M SDE' is not implemented here: used DPM++ 2M",
+        "scheduler 'beta' is not implemented here: used Karras, the Automatic choice for DPM++ 2M"])
+    assert resolve_sampler("Heun", "Nope")[1:] == ("default", [
+        "scheduler 'Nope' is unknown: used Uniform, the Automatic choice for Heun"])
+    assert len(WEB_SCHEDULERS) == 12 and [s for s in WEB_SCHEDULERS if s.ours is None] != []
+
+
+def test_errors_have_the_web_ui_shape(tmp_path):
+    app = create_app(FakePipeline(), outputs=tmp_path)
+
+    @app.get("/sdapi/v1/boom")
+    def boom() -> None:
+        raise ZeroDivisionError("secret detail")
+
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        missing = client.get("/sdapi/v1/no-such-route")
+        assert missing.status_code == 404 and missing.json() == {
+            "error": "HTTPException", "detail": "Not Found", "body": "", "errors": "404: Not Found"}
+        crashed = client.get("/sdapi/v1/boom")
+        assert crashed.status_code == 500 and crashed.json()["error"] == "ZeroDivisionError"
+        assert "secret" not in crashed.text
+        invalid = client.post("/sdapi/v1/txt2img", json={"steps": "many"})
+        assert invalid.status_code == 422 and set(invalid.json()) == {"error", "detail", "body", "errors"}
+
+
+def test_resize_modes_and_lasting_overrides(server, fake):
+    wide = Image.new("RGB", (128, 64), (0, 0, 255))
+    wide.paste((255, 0, 0), (32, 0, 96, 64))   # red in the middle half
+    body = {"init_images": [b64_png(wide)], "width": 64, "height": 64, "steps": 2, "resize_mode": 1}
+    assert server.post("/sdapi/v1/img2img", json=body).status_code == 200
+    assert fake.calls[-1]["init_image"].size == (64, 64) and fake.calls[-1]["init_image"].getpixel((1, 32))[0] > 200
+    refused = server.post("/sdapi/v1/img2img", json={**body, "resize_mode": 2})
+    assert refused.status_code == 422 and "resize_mode" in refused.json()["detail"]
+    server.post("/sdapi/v1/txt2img", json={"steps": 2, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1   # restored afterwards
+    server.post("/sdapi/v1/txt2img", json={"steps": 2, "override_settings": {"CLIP_stop_at_last_layers": 2},
+                                           "override_settings_restore_afterwards": False})
+    assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2   # kept, as asked
+    server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from .errors import NanoDiffusionError
+from .errors import NanoDiffusionError, choice_error
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -32,6 +32,7 @@ def _generate(args: argparse.Namespace) -> None:
     for file, weight in loras:
         check_lora_weight(weight, file)
     paths = output_paths(args.output, 1 if args.grid else args.batch * args.n_iter)
+    args.sampler, args.schedule = sampler_choice(args.sampler, args.schedule)
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
                          weights_dtype=args.weights_dtype, precision=args.precision)
     pipe.fast = fast_options(args)
@@ -74,6 +75,20 @@ def generation_request(args: argparse.Namespace, pipe: object) -> object:
         control_scale=args.control_scale, subseed=args.subseed, subseed_strength=args.subseed_strength,
         hires=hires, tiling=args.tiling,
         callback=preview_writer(pipe, Path(args.preview)) if args.preview else None, progress=True)
+
+
+def sampler_choice(sampler: str | None, schedule: str) -> tuple[str | None, str]:
+    """--sampler / --schedule as people type them (the web UI's names and aliases, "DPM++ 2M Karras", "Karras",
+    our ids) -> (our sampler id or None for the model's default, our sigma spacing); unknown names are errors."""
+    from .sampler_names import WEB_SAMPLERS, WEB_SCHEDULERS, resolve_sampler
+
+    key, spacing, problems = resolve_sampler(sampler or "Euler a", schedule)
+    if problems and problems[0].startswith("sampler"):
+        raise choice_error("sampler", sampler, [s.name for s in WEB_SAMPLERS if s.ours])
+    if problems:   # the schedule, or a sampler name's schedule suffix, is unknown or not implemented here
+        raise NanoDiffusionError(f"{problems[0].split(':')[0]}; choose one of: "
+                                 + ", ".join(s.label for s in WEB_SCHEDULERS if s.ours))
+    return (key if sampler else None), spacing
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -331,12 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("-o", "--output", default="learn", help="folder for the lesson's page and pictures")
     learn.set_defaults(run=_learn)
 
-    serve = sub.add_parser("serve", help="web UI + /sdapi/v1 HTTP API")
+    serve = sub.add_parser("serve", help="web UI + /sdapi/v1 HTTP API", allow_abbrev=False)
     serve.add_argument("--model", default=None)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=PORT, default=7860)
     serve.add_argument("--listen", action="store_true", help="listen on 0.0.0.0")
-    serve.add_argument("--api-auth", default=None, metavar="USER:PASS")
+    serve.add_argument("--api", action="store_true", help="accepted for the web UI's habit: the API is always served")
+    serve.add_argument("--api-auth", default=None, metavar="USER:PASS", help="lock the API (--gradio-auth: the page)")
+    serve.add_argument("--gradio-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                       help="lock the web page (--api-auth locks the API)")
+    serve.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN]",
+                       help="origins whose browser pages may call the API (off by default)")
+    serve.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX",
+                       help="origins matching this regex may call the API (off by default)")
+    serve.add_argument("--models-dir", default=None, metavar="DIR",
+                       help="checkpoints to switch between (options.sd_model_checkpoint); loaded on first use")
+    serve.add_argument("--styles-file", default=None, metavar="CSV",
+                       help="prompt styles, the web UI's styles.csv (name,prompt,negative_prompt)")
     serve.add_argument("--outputs", default="outputs")
     serve.add_argument("--lora-dir", default=None, help="folder that <lora:NAME:W> prompt tags resolve in")
     serve.add_argument("--controlnet", default=None, help="ControlNet to load (diffusers folder or single file)")

@@ -34,6 +34,7 @@ from .models.layout import layout_noise
 from .noise import seeded_noise
 from .prompts import encode_prompts, format_parameters, prompt_warnings
 from .request import GenerationRequest, GenerationResult, check_size
+from .sampler_names import scheduler_label
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
 from .tiling import circular_padding
@@ -293,7 +294,7 @@ class Pipeline:
         hires, variation = r.hires, r.subseed_strength > 0
         return format_parameters(r.prompt[i], r.negative_prompt[i], {
             "Steps": r.steps, "Sampler": sampler,
-            "Schedule type": None if r.schedule == "default" else r.schedule.capitalize(),
+            "Schedule type": scheduler_label(r.schedule),
             "CFG scale": f"{r.cfg:g}", "Seed": seed, "Size": f"{r.width}x{r.height}",
             "Model hash": self.model_hash or None, "Model": self.name,
             "Denoising strength": r.strength if r.init_image is not None else hires and hires.strength,

@@ -19,18 +19,21 @@ from fastapi import APIRouter, HTTPException, Request
 
 from ..errors import NanoDiffusionError
 from ..lora_files import SUFFIXES, read_metadata
+from ..sampler_names import scheduler_label
 from .encoding import image_to_b64
 from .errors import public_message, server_folders
-from .jobs import SCHEDULES, build_job, check_options
+from .jobs import build_job, check_options
 from .queue import Job, QueueFull
 from .schema import ImagesResponse, Img2ImgRequest, Options, Txt2ImgRequest
 
 PREPARING_AT_ONCE = 2      # requests decoding images / parsing prompts at the same time
 WAIT_POLL_SECONDS = 0.05   # how often a waiting request checks its job and its client
+DERIVED_OPTIONS = {"sd_checkpoint_hash"}   # follows sd_model_checkpoint; a posted value is ignored
 
 
 def default_options(pipeline: Any) -> dict[str, Any]:
-    """The settings /sdapi/v1/options reports (a small subset of the web UI's, with its key names)."""
+    """The settings /sdapi/v1/options reports, with the web UI's key names; Options lists those that can be set,
+    the others describe this server and a POST may only repeat them."""
     return {
         "sd_model_checkpoint": model_title(pipeline),
         "sd_checkpoint_hash": pipeline.model_hash,
@@ -39,8 +42,20 @@ def default_options(pipeline: Any) -> dict[str, Any]:
         "CLIP_stop_at_last_layers": pipeline.clip_skip,
         "live_previews_enable": True,
         "show_progress_every_n_steps": 1,
+        "live_preview_content": "Combined",
+        "randn_source": "CPU",
+        "eta_noise_seed_delta": 0,
+        "sd_checkpoints_limit": 1,
+        "sd_vae_as_default": True,
         "nanodiffusion_precision": pipeline.precision,
     }
+
+
+def check_fixed_options(body: Options, options: dict[str, Any]) -> None:
+    """A POST may repeat the settings this server cannot change (clients post back what they got), not alter them."""
+    for key, value in (body.model_extra or {}).items():
+        if key in options and key not in DERIVED_OPTIONS and value != options[key]:
+            raise NanoDiffusionError(f"option {key} is fixed on this server to {options[key]!r}: leave it out")
 
 
 def model_title(pipeline: Any) -> str:
@@ -57,7 +72,10 @@ async def submit(request: Request, body: Txt2ImgRequest, *, save: bool) -> tuple
         state.preparing = anyio.CapacityLimiter(PREPARING_AT_ONCE)
     try:
         job = await anyio.to_thread.run_sync(
-            lambda: build_job(body, state.pipeline, state.options, state.limits, save=save), limiter=state.preparing)
+            lambda: build_job(body, state.pipeline, state.options, state.limits, save=save, styles=state.styles,
+                              library=state.library), limiter=state.preparing)
+        if body.override_settings is not None and not body.override_settings_restore_afterwards:
+            update_options(state, body.override_settings)
         return job, state.worker.submit(job)
     except NanoDiffusionError as error:
         raise HTTPException(422, public_message(str(error), server_folders(state.pipeline, state.outputs))) from None
@@ -69,23 +87,26 @@ def info_json(job: Job, pipeline: Any, body: Txt2ImgRequest) -> str:
     """The web UI's `info` string: what was actually generated, seeds and infotexts included."""
     kwargs, count = job.kwargs, len(job.images)
     seeds = job.seeds or [kwargs["seed"]]
+    subseed = kwargs.get("subseed", -1)
+    resize_w, resize_h = kwargs.get("seed_resize_from", (-1, -1))
     return json.dumps({
         "prompt": kwargs["prompt"], "all_prompts": [kwargs["prompt"]] * count,
         "negative_prompt": kwargs["negative_prompt"], "all_negative_prompts": [kwargs["negative_prompt"]] * count,
-        "seed": seeds[0], "all_seeds": job.seeds, "subseed": -1, "all_subseeds": [-1] * count,
-        "subseed_strength": 0, "width": kwargs["width"], "height": kwargs["height"],
-        "sampler_name": kwargs["sampler"], "scheduler": kwargs["schedule"], "cfg_scale": kwargs["cfg"],
+        "seed": seeds[0], "all_seeds": job.seeds, "subseed": subseed,
+        "all_subseeds": [subseed + i if subseed >= 0 else -1 for i in range(count)],
+        "subseed_strength": kwargs.get("subseed_strength", 0), "width": kwargs["width"], "height": kwargs["height"],
+        "sampler_name": kwargs["sampler"], "scheduler": scheduler_label(kwargs["schedule"]), "cfg_scale": kwargs["cfg"],
         "steps": kwargs["steps"], "batch_size": kwargs["batch"], "n_iter": job.n_iter,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": pipeline.name, "sd_model_hash": pipeline.model_hash[:10] or None,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": resize_w, "seed_resize_from_h": resize_h,
         "denoising_strength": kwargs["strength"] if kwargs["init_image"] is not None else None,
-        "extra_generation_params": {"Schedule type": kwargs["schedule"]}, "index_of_first_image": 0,
+        "extra_generation_params": {"Schedule type": scheduler_label(kwargs["schedule"])}, "index_of_first_image": 0,
         "infotexts": [image.info.get("parameters", "") for image in job.images], "styles": body.styles or [],
         "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
         "clip_skip": kwargs["clip_skip"],
         "is_using_inpainting_conditioning": kwargs["mask"] is not None and pipeline.is_inpainting_model,
-        "interrupted": job.interrupt, "saved": job.saved, "version": "nanodiffusion",
+        "interrupted": job.interrupt, "saved": job.saved, "version": "nanodiffusion", "warnings": job.warnings,
     })
 
 
@@ -138,9 +159,11 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
 
 
 @router.post("/interrupt")
-def interrupt(request: Request) -> None:
-    """Stop the running job; the images finished so far are returned to its caller."""
+def interrupt(request: Request) -> dict:
+    """Stop the running job; the images finished so far (and the one under way, as far as it got) are returned
+    to its caller."""
     request.app.state.worker.interrupt()
+    return {}
 
 
 @router.post("/skip")
@@ -149,29 +172,10 @@ def skip(request: Request) -> None:
     request.app.state.worker.skip()
 
 
-@router.get("/samplers")
-def samplers() -> list[dict[str, Any]]:
-    """Every sampler in the registry, by display name, with its id as an alias."""
-    from ..samplers import SAMPLERS
-
-    return [{"name": info.display_name, "aliases": [key], "options": {}} for key, info in SAMPLERS.items()]
-
-
-@router.get("/schedulers")
-def schedulers() -> list[dict[str, Any]]:
-    """The sigma spacings: automatic / uniform (the model's own), karras, exponential."""
-    return [{"name": name, "label": name.capitalize(), "aliases": [ours] if ours != name else None,
-             "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False}
-            for name, ours in SCHEDULES.items()]
-
-
 @router.get("/sd-models")
 def sd_models(request: Request) -> list[dict[str, Any]]:
-    """The one loaded model."""
-    pipe = request.app.state.pipeline
-    return [{"title": model_title(pipe), "model_name": pipe.name, "hash": pipe.model_hash[:10] or None,
-             "sha256": pipe.model_hash if len(pipe.model_hash) == 64 else None,
-             "filename": pipe.name, "config": None}]
+    """The model the server started with and the checkpoints of --models-dir (sha256 once loaded)."""
+    return [checkpoint.item() for checkpoint in request.app.state.library.checkpoints]
 
 
 @router.get("/options")
@@ -180,14 +184,37 @@ def get_options(request: Request) -> dict[str, Any]:
     return request.app.state.options
 
 
-@router.post("/options")
-def set_options(request: Request, body: Options) -> None:
-    """Update the settings this server knows; others (and model switches) are accepted and ignored."""
-    state = request.app.state
+def update_options(state: Any, body: Options) -> None:
+    """Apply an Options body to the server's settings (422 for a value it cannot take)."""
     try:
-        state.options.update(check_options(body, state.pipeline))
+        check_fixed_options(body, state.options)
+        chosen = check_options(body, state.pipeline, state.library)
     except NanoDiffusionError as error:
         raise HTTPException(422, str(error)) from None
+    if "sd_model_checkpoint" in chosen:
+        checkpoint = state.library.find(chosen["sd_model_checkpoint"])
+        chosen["sd_checkpoint_hash"] = checkpoint.sha256 or checkpoint.shorthash
+    state.options.update(chosen)
+
+
+@router.post("/options")
+def set_options(request: Request, body: Options) -> None:
+    """Update settings; a checkpoint switch loads the model when the next job runs (unknown names: 422)."""
+    update_options(request.app.state, body)
+
+
+@router.post("/refresh-checkpoints")
+def refresh_checkpoints(request: Request) -> None:
+    """Rescan --models-dir."""
+    request.app.state.library.refresh()
+
+
+@router.post("/unload-checkpoint")
+@router.post("/reload-checkpoint")
+def unload_or_reload() -> dict:
+    """The web UI moves the model between GPU and CPU memory; this server keeps it in CPU memory, so both are
+    no-ops (a checkpoint switch frees the previous model)."""
+    return {}
 
 
 def lora_files(pipeline: Any) -> list[Path]:
@@ -215,16 +242,3 @@ def loras(request: Request) -> list[dict[str, Any]]:
     pipeline = request.app.state.pipeline
     return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(pipeline.lora_dir).as_posix(),
              "metadata": lora_metadata(p)} for p in lora_files(pipeline)]
-
-
-@router.get("/sd-vae")
-@router.get("/upscalers")
-@router.get("/prompt-styles")
-def empty_list() -> list:
-    """Lists clients ask for that this server has nothing in."""
-    return []
-
-
-@router.post("/refresh-checkpoints")
-def refresh_checkpoints() -> None:
-    """Nothing to refresh: the model is loaded once at start."""

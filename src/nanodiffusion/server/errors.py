@@ -1,4 +1,6 @@
-"""What a client may see of an error: one line, no absolute server paths, JSON-encodable text."""
+"""What a client may see of an error: one line, no absolute server paths, JSON-encodable text, in the web UI's
+shape {"error": kind, "detail": message, "body": "", "errors": "STATUS: message"} (modules/api/api.py
+`handle_exception`; the request body is never echoed back)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any, Iterable
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[^\s'\"/\\:,;()]+[/\\])+([^\s'\"/\\:,;()]*)")
 
@@ -41,6 +44,25 @@ def validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def error_body(kind: str, status: int, message: str) -> dict[str, str]:
+    """The web UI's error body for a one-line message."""
+    return {"error": kind, "detail": message, "body": "", "errors": f"{status}: {message}"}
+
+
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 with a one-line detail, whatever the body held (never echoes it back)."""
-    return JSONResponse({"detail": public_message(validation_message(error))}, status_code=422)
+    message = public_message(validation_message(error))
+    return JSONResponse(error_body("RequestValidationError", 422, message), status_code=422)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Any HTTPException (ours, and FastAPI's 404 / 405) in the web UI's shape, its headers kept."""
+    message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    return JSONResponse(error_body("HTTPException", error.status_code, message), status_code=error.status_code,
+                        headers=getattr(error, "headers", None))
+
+
+async def server_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug: 500 in the web UI's shape, naming the exception's type only (the log has the traceback)."""
+    message = f"internal error ({type(error).__name__}): see the server log"
+    return JSONResponse(error_body(type(error).__name__, 500, message), status_code=500)

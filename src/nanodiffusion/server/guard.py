@@ -5,6 +5,10 @@ DELETE) whose Origin header names another host than the Host header get 403, and
 interface, a Host header naming anything but a loopback address (127.0.0.0/8, ::1, localhost) or the bind
 address gets 403 (DNS rebinding). Every response forbids framing by other sites (clickjacking), and a body
 that stops arriving for `body_timeout` seconds gets 408 instead of holding the connection forever.
+
+Two logins, as in the popular web UI: `credentials` (--api-auth) lock the API (API_PREFIXES), `ui_credentials`
+(--gradio-auth) lock everything else (the web page and its own routes). Origins named by --cors-allow-origins /
+--cors-allow-origins-regex may write cross-origin (the CORS middleware answers their browsers, app.py).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import re
 import secrets
 from urllib.parse import urlsplit
 
 import anyio
 
 from ..errors import NanoDiffusionError
+from .errors import error_body
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 EVERY_INTERFACE = {"0.0.0.0", "::", ""}
@@ -25,16 +31,27 @@ SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", 
                     (b"x-content-type-options", b"nosniff")]
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+API_PREFIXES = ("/sdapi/", "/internal/", "/controlnet/", "/docs", "/openapi.json")
 
 
-def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+def parse_auth(text: str | None, flag: str = "--api-auth") -> list[tuple[str, str]] | None:
     """"user:pass[,user2:pass2]" -> [(user, pass), ...]; None -> no auth."""
     if not text:
         return None
     pairs = [item.partition(":") for item in text.split(",")]
     if any(not user or not sep or not password for user, sep, password in pairs):
-        raise NanoDiffusionError("--api-auth must look like USER:PASS (several: USER:PASS,USER2:PASS2)")
+        raise NanoDiffusionError(f"{flag} must look like USER:PASS (several: USER:PASS,USER2:PASS2)")
     return [(user, password) for user, _, password in pairs]
+
+
+def cross_origin_allowed(origin: str, origins: list[str] | None, regex: str | None) -> bool:
+    """Whether --cors-allow-origins (exact) or --cors-allow-origins-regex (full match) names this origin."""
+    return origin in (origins or []) or bool(regex and re.fullmatch(regex, origin))
+
+
+def is_api(path: str) -> bool:
+    """Whether a path belongs to the API (locked by --api-auth) rather than the web page (--gradio-auth)."""
+    return path.startswith(API_PREFIXES)
 
 
 def authority(host: str, scheme: str) -> tuple[str, int | None]:
@@ -69,10 +86,15 @@ def allowed_hosts_for(bind: str) -> set[str] | None:
 class Guard:
     """ASGI middleware: reject bad requests before they reach the app (403 / 401 / 413)."""
 
-    def __init__(self, app, *, credentials: list[tuple[str, str]] | None = None, max_body: int = 32 << 20,
-                 allowed_hosts: set[str] | None = None, body_timeout: float = 10.0) -> None:
+    def __init__(self, app, *, credentials: list[tuple[str, str]] | None = None,
+                 ui_credentials: list[tuple[str, str]] | None = None, max_body: int = 32 << 20,
+                 allowed_hosts: set[str] | None = None, body_timeout: float = 10.0,
+                 cors_origins: list[str] | None = None, cors_regex: str | None = None) -> None:
         self.app = app
         self.credentials = credentials
+        self.ui_credentials = ui_credentials
+        self.cors_origins = cors_origins
+        self.cors_regex = cors_regex
         self.max_body = max_body
         self.allowed_hosts = allowed_hosts
         self.body_timeout = body_timeout
@@ -107,17 +129,19 @@ class Guard:
         if self.allowed_hosts is not None and host[0] not in self.allowed_hosts and not is_loopback(host[0]):
             return 403, (f"host {host[0]!r} is not allowed: this server answers to loopback and its bind address "
                          "only; use --listen to serve others"), {}
-        if self.credentials is not None and not self.authorized(headers.get("authorization", "")):
+        credentials = self.credentials if is_api(scope.get("path", "")) else self.ui_credentials
+        if credentials is not None and not self.authorized(headers.get("authorization", ""), credentials):
             return 401, "authentication required", {"www-authenticate": 'Basic realm="nanodiffusion"'}
         origin = headers.get("origin")
-        if scope["method"] not in SAFE_METHODS and origin is not None:
+        if (scope["method"] not in SAFE_METHODS and origin is not None
+                and not cross_origin_allowed(origin, self.cors_origins, self.cors_regex)):
             parts = urlsplit(origin)
             if parts.scheme != scheme or authority(parts.netloc, parts.scheme) != host:
                 return 403, f"cross-origin request from {origin} refused", {}
         return None
 
-    def authorized(self, header: str) -> bool:
-        """Check an "Authorization: Basic ..." header against every configured user in constant time."""
+    def authorized(self, header: str, credentials: list[tuple[str, str]]) -> bool:
+        """Check an "Authorization: Basic ..." header against every given user in constant time."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
             return False
@@ -127,7 +151,7 @@ class Guard:
             return False
         matches = [secrets.compare_digest(user.encode(), u.encode())
                    & secrets.compare_digest(password.encode(), p.encode())
-                   for u, p in self.credentials]
+                   for u, p in credentials]
         return any(matches)
 
     async def read_body(self, receive, headers: dict[str, str]) -> tuple[bytes, tuple[int, str, dict] | None]:
@@ -167,8 +191,8 @@ def secure(send):
 
 
 async def reject(send, status: int, message: str, headers: dict[str, str]) -> None:
-    """Answer with {"detail": message} like FastAPI's own errors."""
-    body = json.dumps({"detail": message}).encode()
+    """Answer in the web UI's error shape, like the app's own errors (server/errors.py)."""
+    body = json.dumps(error_body("HTTPException", status, message)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(key.encode(), value.encode()) for key, value in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -16,29 +16,71 @@ from PIL import Image, ImageFilter, ImageOps
 from ..errors import NanoDiffusionError, choice_error
 from ..lora_files import resolve_lora_tags
 from ..prompts import check_prompt, parse_emphasis
+from ..request import HiresFix
+from ..sampler_names import resolve_sampler
+from ..samplers import SAMPLERS
+from ..styles import Style, apply_styles
 from .encoding import b64_to_image
+from .fields import check_unsupported
+from .model_library import ModelLibrary
 from .queue import Job
 from .schema import Img2ImgRequest, Limits, Options, Txt2ImgRequest
 
-SCHEDULES = {"automatic": "default", "uniform": "default", "karras": "karras", "exponential": "exponential"}
-MAX_SEED = 2**32
+RANDOM_SEEDS = 2**32 - 2   # a random seed is below this, as the web UI draws them
+SEED_LIMIT = 2**64         # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+VAES = ("Automatic", "None", "")   # the only sd_vae values: the checkpoint's own VAE
+RESIZE_MODES = {0: "just resize", 1: "crop and resize"}
+SCRIPTS = ("controlnet",)
+# the web UI's hires upscalers this project has (request.HiresFix.upscaler); None: the web UI's default
+HIRES_UPSCALERS = {None: "latent", "Latent": "latent", "Latent (nearest)": "latent-nearest", "Lanczos": "lanczos"}
 
 
-def sampler_and_schedule(request: Txt2ImgRequest) -> tuple[str, str]:
-    """Resolve sampler_name / sampler_index (display names, old "X Karras" names) and the scheduler."""
-    from ..samplers import get_sampler
+def sampler_and_schedule(request: Txt2ImgRequest) -> tuple[str, str, list[str]]:
+    """sampler_name / sampler_index and scheduler -> (sampler display name, our spacing, fall-back warnings)."""
+    key, schedule, warnings = resolve_sampler(request.sampler_name or request.sampler_index, request.scheduler)
+    return SAMPLERS[key].display_name, schedule, warnings
 
-    name = (request.sampler_name or request.sampler_index or "Euler a").strip()
-    schedule = (request.scheduler or "automatic").strip().lower()
-    for suffix in ("karras", "exponential"):
-        if name.lower().endswith(" " + suffix):
-            name, schedule = name[: -len(suffix) - 1], suffix
-    if schedule not in SCHEDULES:
-        raise choice_error("scheduler", request.scheduler, list(SCHEDULES))
-    try:
-        return get_sampler(name).display_name, SCHEDULES[schedule]
-    except ValueError as error:
-        raise NanoDiffusionError(str(error)) from None
+
+def resolve_seed(request: Txt2ImgRequest) -> int:
+    """-1 (or none): a random seed; 0 .. 2**64 - 1 are used as given (each image takes the next one)."""
+    if request.seed in (-1, None):
+        return random.randrange(RANDOM_SEEDS)
+    last = request.seed + request.batch_size * request.n_iter - 1
+    if request.seed < 0 or last >= SEED_LIMIT:
+        raise NanoDiffusionError(f"seed {request.seed} is out of range: use -1 (random) or 0 to "
+                                 f"{SEED_LIMIT - request.batch_size * request.n_iter}")
+    return request.seed
+
+
+def hires_fix(request: Txt2ImgRequest, width: int, height: int, limits: Limits) -> HiresFix:
+    """enable_hr and its hr_* fields -> the pipeline's HiresFix, its size and steps within the limits."""
+    if request.hr_upscaler not in HIRES_UPSCALERS:
+        raise choice_error("hr_upscaler", request.hr_upscaler, [name for name in HIRES_UPSCALERS if name])
+    check_range("hr_second_pass_steps", request.hr_second_pass_steps, 0, limits.max_steps)
+    strength = 0.7 if request.denoising_strength is None else request.denoising_strength
+    check_range("denoising_strength", strength, 0.01, 1)
+    hires = HiresFix(scale=request.hr_scale, steps=request.hr_second_pass_steps, strength=strength,
+                     upscaler=HIRES_UPSCALERS[request.hr_upscaler], width=request.hr_resize_x,
+                     height=request.hr_resize_y)
+    for name, side in zip(("hires width", "hires height"), hires.target(width, height)):
+        check_side(name, side, limits)
+    return hires
+
+
+def generation_extras(request: Txt2ImgRequest, width: int, height: int, limits: Limits) -> dict[str, Any]:
+    """The keywords of features a request turns on (variation seeds, seed resize, tiling, hires fix); none when
+    off, so pipelines without them keep working."""
+    extras: dict[str, Any] = {}
+    if request.subseed_strength > 0:
+        subseed = random.randrange(RANDOM_SEEDS) if request.subseed == -1 else request.subseed
+        extras.update(subseed=subseed, subseed_strength=request.subseed_strength)
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        extras["seed_resize_from"] = (request.seed_resize_from_w, request.seed_resize_from_h)
+    if request.tiling:
+        extras["tiling"] = True
+    if request.enable_hr and not isinstance(request, Img2ImgRequest):   # the web UI's img2img has no hires fix
+        extras["hires"] = hires_fix(request, width, height, limits)
+    return extras
 
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
@@ -59,14 +101,28 @@ def clip_layers(pipeline: Any) -> int:
     return getattr(config, "num_hidden_layers", 12)
 
 
-def check_options(options: Options, pipeline: Any) -> dict[str, Any]:
-    """The settings an Options body sets (None = not set), checked against the loaded model."""
+def check_options(options: Options, pipeline: Any, library: ModelLibrary | None = None) -> dict[str, Any]:
+    """The settings an Options body sets (None = not set), checked against the loaded model; a checkpoint name
+    becomes that checkpoint's title."""
     chosen = options.model_dump(include=set(Options.model_fields), exclude_none=True)
     layers = clip_layers(pipeline)
     if chosen.get("CLIP_stop_at_last_layers", 1) > layers:
         raise NanoDiffusionError(f"CLIP_stop_at_last_layers {chosen['CLIP_stop_at_last_layers']} is out of range: "
                                  f"this model's text encoder has {layers} layers, use 1 to {layers}")
+    if chosen.get("sd_vae", "") not in VAES:
+        raise NanoDiffusionError(f"sd_vae {chosen['sd_vae']!r} is not available: this server uses each "
+                                 "checkpoint's own VAE, send \"Automatic\"")
+    if "sd_model_checkpoint" in chosen and library is not None:
+        chosen["sd_model_checkpoint"] = library.find(chosen["sd_model_checkpoint"]).title
     return chosen
+
+
+def check_scripts(request: Txt2ImgRequest) -> None:
+    """Scripts this server has none of are refused, as the web UI refuses scripts it lacks."""
+    for name in request.alwayson_scripts or {}:
+        if name.lower() not in SCRIPTS:
+            raise NanoDiffusionError(f"always on script {name} not found: this server has "
+                                     f"{', '.join(SCRIPTS)} only")
 
 
 def check_prompts(request: Txt2ImgRequest, pipeline: Any) -> None:
@@ -112,6 +168,9 @@ def controlnet_unit(request: Txt2ImgRequest, pipeline: Any) -> tuple[Image.Image
         return None, 1.0
     if getattr(pipeline, "controlnet", None) is None:
         raise NanoDiffusionError("this server has no ControlNet loaded: start it with --controlnet FILE")
+    if str(unit.get("module") or "none").lower() != "none":
+        raise NanoDiffusionError(f"ControlNet preprocessor {unit['module']!r} is not available on this server: "
+                                 "send an already preprocessed control image with module \"none\"")
     image = unit.get("image") or unit.get("input_image")
     if isinstance(image, dict):
         image = image.get("image")
@@ -133,18 +192,25 @@ def init_size(image: Image.Image) -> tuple[int, int]:
 
 
 def build_job(request: Txt2ImgRequest, pipeline: Any, options: dict[str, Any], limits: Limits,
-              *, save: bool) -> Job:
+              *, save: bool, styles: dict[str, Style] | None = None, library: ModelLibrary | None = None) -> Job:
     """Validate a request against the limits and turn it into the pipeline's keyword arguments."""
-    sampler, schedule = sampler_and_schedule(request)
+    check_unsupported(request.model_dump())
+    check_scripts(request)
+    sampler, schedule, warnings = sampler_and_schedule(request)
     check_range("steps", request.steps, 1, limits.max_steps)
     check_range("batch_size", request.batch_size, 1, limits.max_batch)
     check_range("n_iter", request.n_iter, 1, limits.max_n_iter)
     cfg = pipeline.default_cfg if request.cfg_scale is None else request.cfg_scale
     check_range("cfg_scale", cfg, 0, limits.max_cfg)
+    prompt, negative = apply_styles(request.prompt, request.negative_prompt, request.styles or [], styles or {})
+    request = request.model_copy(update={"prompt": prompt, "negative_prompt": negative})
     check_prompts(request, pipeline)
-    settings = {**options, **check_options(request.override_settings or Options(), pipeline)}
+    settings = {**options, **check_options(request.override_settings or Options(), pipeline, library)}
+    checkpoint = library.find(settings["sd_model_checkpoint"]) if library is not None else None
     init = mask = None
     if isinstance(request, Img2ImgRequest) and request.init_images:
+        if request.resize_mode not in RESIZE_MODES:
+            raise choice_error("resize_mode", request.resize_mode, [f"{k} ({v})" for k, v in RESIZE_MODES.items()])
         init = b64_to_image(request.init_images[0], "init_images[0]")
         if request.mask:
             init, mask = prepare_inpaint(init, b64_to_image(request.mask, "mask"), request)
@@ -154,6 +220,9 @@ def build_job(request: Txt2ImgRequest, pipeline: Any, options: dict[str, Any], l
     height = height if request.height is None else request.height
     check_side("width", width, limits)
     check_side("height", height, limits)
+    if init is not None and request.resize_mode == 1:
+        init = ImageOps.fit(init, (width, height), Image.Resampling.LANCZOS)
+        mask = None if mask is None else ImageOps.fit(mask, (width, height), Image.Resampling.LANCZOS)
     strength = request.denoising_strength if init is not None else None
     if strength is not None:
         check_range("denoising_strength", strength, 0.01, 1)
@@ -161,11 +230,14 @@ def build_job(request: Txt2ImgRequest, pipeline: Any, options: dict[str, Any], l
     kwargs = {
         "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
         "sampler": sampler, "schedule": schedule, "cfg": cfg,
-        "seed": request.seed if 0 <= request.seed < MAX_SEED else random.randrange(MAX_SEED),
+        "seed": resolve_seed(request),
         "width": width, "height": height, "batch": request.batch_size, "init_image": init,
         "strength": strength or 0.75, "mask": mask, "eta": request.eta,
         "clip_skip": settings["CLIP_stop_at_last_layers"], "control_image": control_image,
-        "control_scale": control_scale,
+        "control_scale": control_scale, **generation_extras(request, width, height, limits),
     }
-    return Job(kwargs, n_iter=request.n_iter, save=save, previews=settings["live_previews_enable"],
-               preview_every=settings["show_progress_every_n_steps"])
+    job = Job(kwargs, n_iter=request.n_iter, save=save, previews=settings["live_previews_enable"],
+              preview_every=settings["show_progress_every_n_steps"], warnings=warnings, checkpoint=checkpoint)
+    if request.force_task_id:
+        job.id = request.force_task_id
+    return job

@@ -16,14 +16,15 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 
 from ..errors import NanoDiffusionError
-from ..images import save_png
+from ..images import save_png, to_pil
 from ..pipeline import Interrupted
 from .encoding import image_to_b64
 from .errors import public_message, server_folders
@@ -46,6 +47,7 @@ class Job:
     save: bool = False
     previews: bool = True
     preview_every: int = 1
+    run: Callable[..., list[Image.Image]] | None = None  # instead of the pipeline: run(pipeline, **kwargs, callback=)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = "queued"  # queued -> running -> done | cancelled | failed
     iteration: int = 0
@@ -64,6 +66,9 @@ class Job:
     skip: bool = False
     version: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    warnings: list[str] = field(default_factory=list)   # fall-backs taken (unknown sampler name, ...)
+    checkpoint: Any = None  # the model_library.Checkpoint to run on (None: whatever is loaded)
+    latest_x0: torch.Tensor | None = field(default=None, repr=False)  # the running call's x0 estimate
 
     @property
     def progress(self) -> float:
@@ -96,8 +101,9 @@ class Job:
 class Worker:
     """Runs jobs one at a time on a daemon thread; at most `max_queue` jobs wait behind the running one."""
 
-    def __init__(self, pipeline: Any, outputs: Path | None, max_queue: int = 8) -> None:
+    def __init__(self, pipeline: Any, outputs: Path | None, max_queue: int = 8, library: Any = None) -> None:
         self.pipeline = pipeline
+        self.library = library
         self.outputs = outputs
         self.max_queue = max_queue
         self.waiting: list[Job] = []
@@ -189,15 +195,25 @@ class Worker:
         job.status, job.started = "running", time.time()
         job.changed()
         try:
+            if job.checkpoint is not None and self.library is not None:
+                with self.library.lock:
+                    self.pipeline = self.library.use(job.checkpoint)
             for iteration in range(job.n_iter):
                 if job.interrupt:
                     break
-                job.iteration, job.step, job.skip = iteration, 0, False
-                seed = job.kwargs["seed"] + iteration * job.kwargs.get("batch", 1)
+                job.iteration, job.step, job.skip, job.latest_x0 = iteration, 0, False, None
+                shift = iteration * job.kwargs.get("batch", 1)
+                seed = job.kwargs["seed"] + shift
+                call = {**job.kwargs, "seed": seed}
+                if "subseed" in job.kwargs:   # variation seeds advance with the seeds, as in the web UI
+                    call["subseed"] = job.kwargs["subseed"] + shift
                 try:
-                    images = self.pipeline(**{**job.kwargs, "seed": seed}, callback=self.callback(job))
+                    run = self.pipeline if job.run is None else partial(job.run, self.pipeline)
+                    images = run(**call, callback=self.callback(job))
                 except Interrupted:
-                    continue
+                    images = self.partial(job)
+                    if not images:
+                        continue
                 job.images.extend(images)
                 job.seeds.extend(seed + i for i in range(len(images)))
                 if job.save:
@@ -209,19 +225,27 @@ class Worker:
             log.exception("generation failed")
             job.finish("failed", self.public(f"generation failed: {type(error).__name__}: {error}"), 500)
         else:
+            job.latest_x0 = None
             job.finish("cancelled" if job.interrupt and not job.images else "done")
 
     def public(self, message: str) -> str:
         """An error message as clients may see it (server/errors.py)."""
         return public_message(message, server_folders(self.pipeline, self.outputs))
 
+    def partial(self, job: Job) -> list[Image.Image]:
+        """On interrupt, the images as far as they got (the last x0 estimate, decoded), as the web UI returns
+        them; none on skip, or before the first step."""
+        if not job.interrupt or job.latest_x0 is None:
+            return []
+        return to_pil(self.pipeline.decode(job.latest_x0))
+
     def callback(self, job: Job):
-        """The pipeline callback: record the step, publish a preview of x0, stop when asked."""
+        """The pipeline callback: record the step and the x0 estimate, publish a preview of it, stop when asked."""
 
         def on_step(step: int, total: int, x0: torch.Tensor) -> None:
             if job.interrupt or job.skip:
                 raise Interrupted
-            job.step, job.total = step, total
+            job.step, job.total, job.latest_x0 = step, total, x0
             if job.previews and (step % job.preview_every == 0 or step == total):
                 job.preview = image_to_b64(self.pipeline.preview(x0[:1])[0])
                 job.preview_version += 1

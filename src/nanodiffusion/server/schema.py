@@ -1,7 +1,7 @@
 """The /sdapi/v1 request and response bodies, shaped like the popular web UI's (AUTOMATIC1111).
 
-Requests carry many fields this project does not use (hires fix, face restoration, scripts, ...): they are
-accepted, ignored and echoed back. JSON allows what no field may hold: NaN / Infinity (Python's json reads
+Requests carry many fields: those of the web UI this project cannot honour are refused when they ask for
+something (fields.py); fields no version of the web UI has are accepted, ignored and echoed back. JSON allows what no field may hold: NaN / Infinity (Python's json reads
 them) and text with unpaired surrogates ("\\ud800"). Both are refused anywhere in a body, extra fields
 included, so they never reach the pipeline nor break the response's encoding. Ranges that do not depend on
 the server's configuration are declared on the fields; the configurable ones are in `Limits` (jobs.py).
@@ -59,12 +59,14 @@ class ApiModel(BaseModel):
 
 
 class Options(ApiModel):
-    """The settings this server applies (others, like model switches, are accepted and ignored)."""
+    """The settings this server applies; the fixed ones it reports are checked in api.py, others are ignored as
+    the web UI ignores settings it does not know."""
 
     CLIP_stop_at_last_layers: int | None = Field(None, ge=1, le=12)
     live_previews_enable: bool | None = None
     show_progress_every_n_steps: int | None = Field(None, ge=1, le=1000)
-
+    sd_model_checkpoint: str | None = None
+    sd_vae: str | None = None
 
 
 class Txt2ImgRequest(ApiModel):
@@ -74,6 +76,17 @@ class Txt2ImgRequest(ApiModel):
     negative_prompt: str = ""
     styles: list[str] | None = None
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = Field(0.0, ge=0, le=1)
+    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = -1
+    tiling: bool | None = None
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, gt=0, le=8)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
@@ -87,6 +100,8 @@ class Txt2ImgRequest(ApiModel):
     denoising_strength: float | None = None
     override_settings: Options | None = None
     alwayson_scripts: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    force_task_id: str | None = Field(None, max_length=200)
     send_images: bool = True
     save_images: bool = False
 
@@ -95,6 +110,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     """An img2img / inpaint request: init image(s), optional mask (white = repaint), strength."""
 
     init_images: list[str] | None = None
+    resize_mode: int = 0
     denoising_strength: float = 0.75
     mask: str | None = None
     mask_blur: int = Field(4, ge=0, le=64)

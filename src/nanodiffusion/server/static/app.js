@@ -3,7 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const FINAL = ["done", "cancelled", "failed"];
-const state = { mode: "txt2img", job: null, events: null, started: 0, limits: {}, initImage: null, selected: null, controlImage: null };
+const state = { mode: "txt2img", view: "result", job: null, events: null, started: 0, limits: {}, initImage: null,
+  selected: null, controlImage: null, pngInfo: null };
 
 function detailText(detail) {
   if (Array.isArray(detail)) return detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
@@ -53,9 +54,16 @@ async function init() {
   $("cfg").max = config.limits.max_cfg;
   $("cfg").value = config.default_cfg;
   $("batch").max = config.limits.max_batch;
+  $("n_iter").max = config.limits.max_n_iter;
   for (const [input, output] of [["steps", "steps-value"], ["cfg", "cfg-value"], ["strength", "strength-value"],
-    ["mask-blur", "blur-value"], ["control-scale", "control-value"]]) bindOutput(input, output);
+    ["mask-blur", "blur-value"], ["control-scale", "control-value"], ["hr_denoise", "hr-denoise-value"]]) {
+    bindOutput(input, output);
+  }
   setupExtras(config);
+  setupPlot(config);
+  await setupFeatures(config);
+  restoreSettings();
+  $("generate").disabled = false;
 }
 
 function setupExtras(config) {
@@ -85,12 +93,22 @@ function setupExtras(config) {
 
 function setMode(mode) {
   state.mode = mode;
-  for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.mode === mode);
+  for (const tab of document.querySelectorAll(".tab[data-mode]")) tab.classList.toggle("active", tab.dataset.mode === mode);
   const inpaint = mode === "inpaint";
   $("source").hidden = mode === "txt2img";
   for (const id of ["mask-tools", "blur-field", "mask-hint"]) $(id).hidden = !inpaint || !state.initImage;
   $("mask").hidden = !inpaint;
   $("stack").classList.toggle("painting", inpaint);
+  $("hires-field").classList.toggle("off", mode !== "txt2img");
+  saveSettings();
+}
+
+function setView(view) {
+  state.view = view;
+  for (const tab of document.querySelectorAll(".view-tab")) tab.classList.toggle("active", tab.dataset.view === view);
+  for (const panel of document.querySelectorAll(".view")) panel.hidden = panel.id !== `view-${view}`;
+  if (view === "history") loadHistory();
+  saveSettings();
 }
 
 function fitSize(width, height) {
@@ -207,13 +225,13 @@ function payload() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     scheduler: $("schedule").value, steps: +$("steps").value, cfg_scale: +$("cfg").value,
     seed: Number.isNaN(seed) ? -1 : seed, width: +$("width").value, height: +$("height").value,
-    batch_size: +$("batch").value, n_iter: 1,
+    batch_size: +$("batch").value, n_iter: +$("n_iter").value, ...featurePayload(),
   };
   if (state.controlImage) {
     body.alwayson_scripts = { controlnet: { args: [
       { enabled: true, image: state.controlImage, weight: +$("control-scale").value }] } };
   }
-  if (state.mode === "txt2img") return body;
+  if (state.mode === "txt2img") return { ...body, ...hiresPayload() };
   if (!state.initImage) throw new Error("Choose an image to start from first.");
   Object.assign(body, { init_images: [state.initImage], denoising_strength: +$("strength").value });
   if (state.mode === "inpaint") {
@@ -232,11 +250,14 @@ function setBusy(busy) {
 
 async function generate(event) {
   event.preventDefault();
-  if (state.job) return;
+  if (state.job || $("generate").disabled) return;
   showError("");
   let body;
+  let path = "/api/jobs";
   try {
     body = payload();
+    const plot = plotPayload();
+    if (plot) [path, body] = ["/api/xyz", { ...body, ...plot }];
   } catch (error) {
     showError(error.message);
     return;
@@ -244,7 +265,7 @@ async function generate(event) {
   setBusy(true);
   setStatus("Submitting…", 0);
   try {
-    const job = await api("/api/jobs", { method: "POST", body: JSON.stringify(body) });
+    const job = await api(path, { method: "POST", body: JSON.stringify(body) });
     state.job = job.id;
     state.started = performance.now();
     listen(job.id);
@@ -283,7 +304,7 @@ function showImage(url) {
 function update(event) {
   if (event.preview) showImage(event.preview);
   if (event.status === "queued") {
-    setStatus(event.position > 1 ? `Queued: ${event.position - 1} job(s) ahead` : "Starting…", 0);
+    setStatus(event.ahead > 0 ? `Queued: ${event.ahead} job(s) ahead (place ${event.position} in the queue)` : "Starting…", 0);
   } else if (event.status === "running") {
     const batch = event.n_iter > 1 ? ` · batch ${event.iteration + 1}/${event.n_iter}` : "";
     setStatus(event.total ? `Step ${event.step} / ${event.total}${batch}` : "Encoding the prompt…", event.progress);
@@ -302,7 +323,11 @@ function finish(event) {
   }
   const results = event.images || [];
   results.slice().reverse().forEach(addToGallery);
-  if (results.length) select(results[0]);
+  if (results.length) {
+    select(results[0]);
+    rememberResults(results);
+  }
+  if (state.view === "history") loadHistory();
 }
 
 async function cancel() {
@@ -331,14 +356,14 @@ function addToGallery(result) {
   image.src = result.url;
   image.alt = result.parameters.split("\n")[0];
   thumb.append(image);
+  thumb.dataset.url = result.url;
   thumb.addEventListener("click", () => select(result));
-  result.thumb = thumb;
   $("gallery").prepend(thumb);
 }
 
 function select(result) {
   state.selected = result;
-  for (const thumb of document.querySelectorAll(".thumb")) thumb.classList.toggle("selected", thumb === result.thumb);
+  for (const thumb of document.querySelectorAll("#gallery .thumb")) thumb.classList.toggle("selected", thumb.dataset.url === result.url);
   showImage(result.url);
   $("parameters").textContent = `${result.parameters}\n\nSaved as ${result.url.replace(/^\//, "")}`;
   $("download").href = result.url;
@@ -351,22 +376,20 @@ function select(result) {
 function wire() {
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
-  $("prompt").addEventListener("keydown", (event) => {
+  $("form").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) generate(event);
   });
-  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  for (const tab of document.querySelectorAll(".tab[data-mode]")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  for (const tab of document.querySelectorAll(".view-tab")) tab.addEventListener("click", () => setView(tab.dataset.view));
   $("random-seed").addEventListener("click", () => { $("seed").value = -1; });
   $("reuse-seed").addEventListener("click", () => {
     const seed = state.selected && seedOf(state.selected);
     if (seed) $("seed").value = seed;
   });
   $("use-seed").addEventListener("click", () => $("reuse-seed").click());
-  $("to-img2img").addEventListener("click", async () => {
-    if (!state.selected) return;
-    const blob = await (await fetch(state.selected.url)).blob();
-    await setInitImage(await readFile(blob));
-    setMode("img2img");
-  });
+  for (const [box, fold] of [["enable_hr", "hires-field"], ["xyz-enabled", "xyz-field"]]) {
+    $(box).addEventListener("input", () => { if ($(box).checked) $(fold).open = true; });
+  }
   $("preview").addEventListener("load", () => {
     const image = $("preview");
     image.classList.toggle("pixelated", image.naturalWidth < 256);
@@ -407,5 +430,7 @@ function wire() {
   });
 }
 
-wire();
-init().catch((error) => showError(`Could not load the server settings: ${error.message}`));
+document.addEventListener("DOMContentLoaded", () => {
+  wire();
+  init().catch((error) => showError(`Could not load the server settings: ${error.message}`));
+});
