@@ -4,7 +4,13 @@ Each model gets ONE explicit table of (diffusers name, original name) pairs, gen
 structure and used in both directions. A pair names a module prefix ("down_blocks.0.resnets.1." <->
 "input_blocks.2.0.") or a whole key; a key is renamed by its longest matching entry. The few places
 where tensors change shape too are marked in the table (VAE mid attention: conv1x1 <-> linear) or
-named as a step (OpenCLIP's fused in_proj <-> separate q/k/v).
+named as a step (OpenCLIP's fused in_proj <-> separate q/k/v); OpenCLIP's text_projection is marked as stored
+transposed.
+
+Families: SD 1.x (CLIP ViT-L under cond_stage_model.transformer.), SD 2.x (OpenCLIP ViT-H under
+cond_stage_model.model.), SDXL (CLIP ViT-L and OpenCLIP ViT-bigG under conditioner.embedders.0 / .1, the refiner
+bigG alone under conditioner.embedders.0.model.); the UNet and VAE tables are shared, SDXL's UNet adds
+label_emb (its added conditioning).
 
 Text encoder names are transformers' CLIP names as files store them ("text_model.embeddings.",
 "text_model.encoder.", "text_model.final_layer_norm."), which our models/clip.py uses too;
@@ -24,8 +30,12 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."      # SD 1.x: transformers CLIP names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."        # SD 2.x: OpenCLIP ViT-H/14 text tower
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."   # SDXL: CLIP ViT-L, transformers names
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."    # SDXL: OpenCLIP ViT-bigG/14 text tower
+REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner: bigG alone
 LAYOUT_PREFIX = "layout_model."                      # the built-in model's layout stage (models/layout.py), ours
 TEXT_MODEL = "text_model."
+PROJECTION = "text_projection."
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,8 @@ class Entry:
 
     diffusers: str
     original: str
-    conv1x1: bool = False   # weight is a 1x1 conv in the original file and a linear layer in diffusers
+    conv1x1: bool = False     # weight is a 1x1 conv in the original file and a linear layer in diffusers
+    transposed: bool = False  # the original stores the matrix transposed (OpenCLIP's x @ text_projection)
 
 
 class KeyTable:
@@ -65,7 +76,9 @@ class KeyTable:
                 unknown.append(key)
                 continue
             name, entry = found
-            out[name] = conv1x1_to_linear(tensor, to_conv=to_original) if entry.conv1x1 else tensor
+            if entry.conv1x1:
+                tensor = conv1x1_to_linear(tensor, to_conv=to_original)
+            out[name] = tensor.T.contiguous() if entry.transposed else tensor
         if unknown:
             raise key_error(part, "unexpected", unknown)
         return out
@@ -139,7 +152,8 @@ def unet_table(layout: UNetLayout) -> KeyTable:
     """The UNet key table: ldm's flat input_blocks / middle_block / output_blocks vs diffusers' nested blocks."""
     entries = [Entry("conv_in.", "input_blocks.0.0."), Entry("time_embedding.linear_1.", "time_embed.0."),
                Entry("time_embedding.linear_2.", "time_embed.2."), Entry("conv_norm_out.", "out.0."),
-               Entry("conv_out.", "out.2.")]
+               Entry("conv_out.", "out.2."),
+               Entry("add_embedding.linear_1.", "label_emb.0.0."), Entry("add_embedding.linear_2.", "label_emb.0.2.")]
     r, levels = layout.layers_per_block, len(layout.down_attention)
     k = 1
     for i, attention in enumerate(layout.down_attention):
@@ -211,15 +225,20 @@ def vae_table_for(sd: dict[str, Tensor], *, original: bool) -> KeyTable:
 # ---- Text encoders ----
 
 def text_model_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CLIP text encoder names with the "text_model." prefix, without the position_ids buffer older files saved."""
-    return {TEXT_MODEL + key.removeprefix(TEXT_MODEL): t for key, t in sd.items() if not key.endswith("position_ids")}
+    """CLIP text encoder names with the "text_model." prefix (but CLIPTextModelWithProjection's text_projection,
+    which lives beside the text model), without the position_ids buffer older files saved."""
+    return {key if key.startswith(PROJECTION) else TEXT_MODEL + key.removeprefix(TEXT_MODEL): t
+            for key, t in sd.items() if not key.endswith("position_ids")}
 
 
-def open_clip_table(layers: int) -> KeyTable:
-    """OpenCLIP text tower (resblocks, ln_1/ln_2, c_fc/c_proj, fused in_proj) <-> transformers CLIP names."""
+def open_clip_table(layers: int, projection: bool = False) -> KeyTable:
+    """OpenCLIP text tower (resblocks, ln_1/ln_2, c_fc/c_proj, fused in_proj) <-> transformers CLIP names; with
+    `projection`, also text_projection (a [width, dim] matrix in the file, a [dim, width] linear weight here)."""
     entries = [Entry(f"{TEXT_MODEL}embeddings.token_embedding.", "token_embedding."),
                Entry(f"{TEXT_MODEL}embeddings.position_embedding.weight", "positional_embedding"),
                Entry(f"{TEXT_MODEL}final_layer_norm.", "ln_final.")]
+    if projection:
+        entries.append(Entry(f"{PROJECTION}weight", "text_projection", transposed=True))
     for i in range(layers):
         d, o = f"{TEXT_MODEL}encoder.layers.{i}.", f"transformer.resblocks.{i}."
         entries += [Entry(f"{d}layer_norm1.", f"{o}ln_1."), Entry(f"{d}layer_norm2.", f"{o}ln_2."),
@@ -258,6 +277,21 @@ def open_clip_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return split_qkv(open_clip_table(layers).convert(kept, to_original=False, part="text encoder (OpenCLIP)"))
 
 
+def open_clip_projection_to_transformers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """SDXL's OpenCLIP ViT-bigG -> transformers' CLIPTextModelWithProjection: every layer is used (the penultimate
+    states for the context, the last for the pooled output) and text_projection is kept; logit_scale is dropped."""
+    table = open_clip_table(count_indices(sd, "transformer.resblocks."), projection=True)
+    kept = {k: t for k, t in sd.items() if k != "logit_scale"}
+    return split_qkv(table.convert(kept, to_original=False, part="text encoder 2 (OpenCLIP bigG)"))
+
+
+def transformers_to_open_clip_projection(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of open_clip_projection_to_transformers."""
+    sd = text_model_names(sd)
+    table = open_clip_table(count_indices(sd, f"{TEXT_MODEL}encoder.layers."), projection=True)
+    return table.convert(fuse_qkv(sd), to_original=True, part="text encoder 2 (OpenCLIP bigG)")
+
+
 def diffusers_to_open_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of open_clip_to_diffusers. The dropped last resblock is written as zeros, which makes it the
     identity (x + 0 + 0), and text_projection as the identity matrix, so the file runs the same either way."""
@@ -279,29 +313,52 @@ def split_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key[len(prefix):]: t for key, t in sd.items() if key.startswith(prefix)}
 
 
+# The text encoders of each family in an original file: (prefix, part, reader to transformers names, writer back).
+SD1_TEXT_ENCODER = (CLIP_PREFIX, "text_encoder", text_model_names, text_model_names)
+SD2_TEXT_ENCODER = (OPEN_CLIP_PREFIX, "text_encoder", open_clip_to_diffusers, diffusers_to_open_clip)
+SDXL_TEXT_ENCODERS = [(SDXL_CLIP_PREFIX, "text_encoder", text_model_names, text_model_names),
+                      (SDXL_OPEN_CLIP_PREFIX, "text_encoder_2", open_clip_projection_to_transformers,
+                       transformers_to_open_clip_projection)]
+REFINER_TEXT_ENCODERS = [(REFINER_OPEN_CLIP_PREFIX, "text_encoder_2", open_clip_projection_to_transformers,
+                          transformers_to_open_clip_projection)]
+TEXT_ENCODERS = [SD1_TEXT_ENCODER, SD2_TEXT_ENCODER, *SDXL_TEXT_ENCODERS, *REFINER_TEXT_ENCODERS]
+
+
+def written_text_encoders(parts: dict[str, dict[str, Tensor]], open_clip: bool | None) -> list[tuple]:
+    """The TEXT_ENCODERS rows a file of these parts holds: SDXL's pair, the refiner's bigG, or SD's one encoder
+    (OpenCLIP when open_clip is True; default: when its width is 1024, as in SD 2.x)."""
+    if "text_encoder_2" in parts:
+        return SDXL_TEXT_ENCODERS if "text_encoder" in parts else REFINER_TEXT_ENCODERS
+    if "text_encoder" not in parts:
+        return []
+    if open_clip is None:
+        open_clip = text_model_names(parts["text_encoder"])[f"{TEXT_MODEL}embeddings.token_embedding.weight"
+                                                            ].shape[1] == 1024
+    return [SD2_TEXT_ENCODER if open_clip else SD1_TEXT_ENCODER]
+
+
 def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Original single-file state dict -> {"unet", "vae", "text_encoder"} in diffusers / transformers names.
-    EMA copies (model_ema.*), the schedule buffers and other non-model keys are skipped."""
+    """Original single-file state dict -> {"unet", "vae", "text_encoder"[, "text_encoder_2"]} in diffusers /
+    transformers names. EMA copies (model_ema.*), the schedule buffers and other non-model keys are skipped."""
     unet = split_prefix(sd, UNET_PREFIX)
     if not unet:
         raise NanoDiffusionError(f"no UNet weights (keys starting with {UNET_PREFIX!r}): not a Stable Diffusion "
-                                 "checkpoint; pass a full SD 1.x / 2.x file or a diffusers folder")
+                                 "checkpoint; pass a full SD 1.x / 2.x / XL file or a diffusers folder")
     parts = {"unet": unet_table(UNetLayout.from_original(unet)).convert(unet, to_original=False, part="UNet")}
     vae = {k: t for k, t in split_prefix(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
     if vae:
         parts["vae"] = vae_table_for(vae, original=True).convert(vae, to_original=False, part="VAE")
-    if has_prefix(sd, OPEN_CLIP_PREFIX):
-        parts["text_encoder"] = open_clip_to_diffusers(split_prefix(sd, OPEN_CLIP_PREFIX))
-    elif has_prefix(sd, CLIP_PREFIX):
-        parts["text_encoder"] = text_model_names(split_prefix(sd, CLIP_PREFIX))
+    for prefix, part, read, _ in TEXT_ENCODERS:
+        if has_prefix(sd, prefix):
+            parts[part] = read(split_prefix(sd, prefix))
     if has_prefix(sd, LAYOUT_PREFIX):
         parts["layout"] = split_prefix(sd, LAYOUT_PREFIX)
     return parts
 
 
 def diffusers_to_original(parts: dict[str, dict[str, Tensor]], *, open_clip: bool | None = None) -> dict[str, Tensor]:
-    """{"unet", "vae", "text_encoder"} -> one original single-file state dict. The text encoder is written in
-    OpenCLIP layout when open_clip is True (default: when its width is 1024, as in SD 2.x)."""
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} -> one original single-file state dict. An SD text
+    encoder is written in OpenCLIP layout when open_clip is True (default: when its width is 1024, as in SD 2.x)."""
     unet = parts["unet"]
     sd = {UNET_PREFIX + k: t for k, t in unet_table(UNetLayout.from_diffusers(unet)).convert(
         unet, to_original=True, part="UNet").items()}
@@ -309,12 +366,6 @@ def diffusers_to_original(parts: dict[str, dict[str, Tensor]], *, open_clip: boo
         vae = vae_table_for(parts["vae"], original=False).convert(parts["vae"], to_original=True, part="VAE")
         sd.update({VAE_PREFIX + k: t for k, t in vae.items()})
     sd.update({LAYOUT_PREFIX + k: t for k, t in parts.get("layout", {}).items()})
-    if "text_encoder" in parts:
-        text = text_model_names(parts["text_encoder"])
-        if open_clip is None:
-            open_clip = text[f"{TEXT_MODEL}embeddings.token_embedding.weight"].shape[1] == 1024
-        if open_clip:
-            sd.update({OPEN_CLIP_PREFIX + k: t for k, t in diffusers_to_open_clip(text).items()})
-        else:
-            sd.update({CLIP_PREFIX + k: t for k, t in text.items()})
+    for prefix, part, _, write in written_text_encoders(parts, open_clip):
+        sd.update({prefix + k: t for k, t in write(parts[part]).items()})
     return sd

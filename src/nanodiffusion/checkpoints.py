@@ -22,9 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import sdxl
 from .checkpoint_keys import (
     CLIP_PREFIX,
     OPEN_CLIP_PREFIX,
+    PROJECTION,
+    REFINER_OPEN_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
     count_indices,
     diffusers_to_original,
     has_prefix,
@@ -33,17 +37,24 @@ from .checkpoint_keys import (
     text_model_names,
 )
 from .errors import NanoDiffusionError, choice_error
+from .models.clip import BOS, EOS
 from .prediction import choose_prediction
 
-PARTS = ("unet", "vae", "text_encoder", "layout")  # layout: the built-in model's layout stage only
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "layout")  # layout: the built-in model's only
 PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "scheduler": ["diffusers", "PNDMScheduler"], "layout": ["nanodiffusion", "LayoutModel"]}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+SDXL_VERSIONS = ("xl", "xl-refiner")
+# What diffusers' SDXL pipelines read from model_index.json, with their defaults per version (base, refiner).
+SDXL_FLAGS = {"force_zeros_for_empty_prompt": {"xl": True, "xl-refiner": False},
+              "requires_aesthetics_score": {"xl": False, "xl-refiner": True}}
 DIFFUSERS_VERSION = "0.30.0"
 METADATA_KEY = "nanodiffusion"   # safetensors metadata: the configs, so our own single files round-trip exactly
 
@@ -61,13 +72,13 @@ def sniff_format(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) == 9 and head[8:9] == b"{":   # before pickle: the header length's first byte may be 0x80
         if 8 + int.from_bytes(head[:8], "little") > size:
             raise NanoDiffusionError(f"{path}: truncated safetensors file (header longer than the file); "
                                      "download or copy it again")
         return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     raise NanoDiffusionError(f"{path}: unknown format (not safetensors nor a PyTorch .ckpt/.bin/.pt); "
                              "pass a Stable Diffusion checkpoint or a diffusers folder")
 
@@ -133,16 +144,22 @@ def load_into(model: torch.nn.Module, sd: dict[str, Tensor], part: str) -> None:
 class Checkpoint:
     """A Stable Diffusion model on disk, read into state dicts (diffusers / transformers names) and configs."""
 
-    parts: dict[str, dict[str, Tensor]]                 # "unet", "vae", "text_encoder"
+    parts: dict[str, dict[str, Tensor]]                 # "unet", "vae", "text_encoder"[, "text_encoder_2"]
     configs: dict[str, dict]                            # config.json dict per part
     scheduler: dict                                     # scheduler_config.json dict
-    info: dict = field(default_factory=dict)            # format, version, inpainting, path
+    info: dict = field(default_factory=dict)            # format, version, inpainting, path (SDXL: SDXL_FLAGS)
     tokenizer_dir: Path | None = None                   # folder with vocab.json + merges.txt, when there is one
+    tokenizer_2_dir: Path | None = None                 # SDXL's second (bigG) tokenizer folder, when there is one
 
 
 def detect_version(sd: dict[str, Tensor]) -> str:
-    """"v1" (CLIP ViT-L, context 768) or "v2" (OpenCLIP ViT-H, context 1024) from an original file's keys,
-    "custom" for other sizes."""
+    """"v1" (CLIP ViT-L, context 768), "v2" (OpenCLIP ViT-H, context 1024), "xl" (CLIP ViT-L + OpenCLIP bigG,
+    context 2048) or "xl-refiner" (bigG alone, context 1280) from an original file's keys, "custom" for other
+    sizes."""
+    if has_prefix(sd, SDXL_OPEN_CLIP_PREFIX):
+        return "xl"
+    if has_prefix(sd, REFINER_OPEN_CLIP_PREFIX):
+        return "xl-refiner"
     if has_prefix(sd, OPEN_CLIP_PREFIX):
         return "v2"
     if has_prefix(sd, CLIP_PREFIX):
@@ -151,10 +168,17 @@ def detect_version(sd: dict[str, Tensor]) -> str:
 
 
 def version_from_unet(unet: dict[str, Tensor]) -> str:
-    """The version from the cross-attention width (768: v1, 1024: v2); attn2.to_k has the same name in both
-    layouts."""
+    """The version from the cross-attention width (768: v1, 1024: v2, 2048: xl, 1280: xl-refiner); attn2.to_k has
+    the same name in both layouts."""
     widths = {t.shape[1] for k, t in unet.items() if k.endswith("attn2.to_k.weight")}
-    return {768: "v1", 1024: "v2"}.get(next(iter(widths), 0), "custom")
+    return {768: "v1", 1024: "v2", 2048: "xl", 1280: "xl-refiner"}.get(next(iter(widths), 0), "custom")
+
+
+def version_from_parts(parts: dict[str, dict[str, Tensor]]) -> str:
+    """A diffusers folder's version: SDXL has a second text encoder (the refiner that one only), else the UNet's."""
+    if "text_encoder_2" in parts:
+        return "xl" if "text_encoder" in parts else "xl-refiner"
+    return version_from_unet(parts["unet"])
 
 
 def is_inpainting(unet: dict[str, Tensor]) -> bool:
@@ -205,9 +229,17 @@ def load_single_file(path: Path, keep_dtype: bool = False) -> Checkpoint:
     parts = original_to_diffusers(sd)
     saved = read_metadata(path)
     configs = {name: saved.get(name) or infer_config(name, part, version) for name, part in parts.items()}
-    scheduler = saved.get("scheduler") or default_scheduler("epsilon")
+    default = sdxl.scheduler_config() if version in SDXL_VERSIONS else default_scheduler("epsilon")
+    scheduler = saved.get("scheduler") or default
     return Checkpoint(parts, configs, scheduler, {"format": sniff_format(path), "version": version,
-                                                  "inferred": not saved})
+                                                  "inferred": not saved, **sdxl_flags(version, saved)})
+
+
+def sdxl_flags(version: str, index: dict) -> dict:
+    """SDXL's pipeline settings (SDXL_FLAGS) from a model index, by default the version's; {} for other models."""
+    if version not in SDXL_VERSIONS:
+        return {}
+    return {name: bool(index.get(name, defaults[version])) for name, defaults in SDXL_FLAGS.items()}
 
 
 def read_metadata(path: Path) -> dict:
@@ -231,12 +263,14 @@ def read_metadata(path: Path) -> dict:
 
 def infer_config(part: str, sd: dict[str, Tensor], version: str) -> dict:
     """The config.json for one part, inferred from its state dict."""
-    return {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_text_config}[part](sd, version)
+    return {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_text_config,
+            "text_encoder_2": infer_text_config}[part](sd, version)
 
 
 def infer_unet_config(sd: dict[str, Tensor], version: str) -> dict:
-    """UNet config from shapes. Head counts are not in the shapes: SD 1.x uses 8 heads, SD 2.x heads of
-    width 64 (diffusers' attention_head_dim = heads per level, [5, 10, 20, 20])."""
+    """UNet config from shapes. Head counts are not in the shapes: SD 1.x uses 8 heads, SD 2.x and XL heads of
+    width 64 (diffusers' attention_head_dim = heads per level, [5, 10, 20, 20]). SDXL adds its "text_time"
+    conditioning: 256-wide sinusoids of the time ids (Podell et al. 2023, §2.2)."""
     levels = count_indices(sd, "down_blocks.")
     channels = [sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
     down = [has_prefix(sd, f"down_blocks.{i}.attentions.") for i in range(levels)]
@@ -245,19 +279,33 @@ def infer_unet_config(sd: dict[str, Tensor], version: str) -> dict:
     context = next((t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")), None)
     if proj_in is None or context is None:
         raise NanoDiffusionError("the UNet has no cross-attention: not a text-to-image Stable Diffusion checkpoint")
-    return {"_class_name": "UNet2DConditionModel", "sample_size": 64,
-            "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
-            "block_out_channels": channels, "layers_per_block": count_indices(sd, "down_blocks.0.resnets."),
-            "cross_attention_dim": context, "use_linear_projection": proj_in.ndim == 2,
-            "attention_head_dim": [c // 64 for c in channels] if version == "v2" else 8,
-            "transformer_layers_per_block": count_indices(sd, "mid_block.attentions.0.transformer_blocks."),
-            "norm_num_groups": 32}
+    config = {"_class_name": "UNet2DConditionModel", "sample_size": 64,
+              "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
+              "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
+              "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
+              "block_out_channels": channels, "layers_per_block": count_indices(sd, "down_blocks.0.resnets."),
+              "cross_attention_dim": context, "use_linear_projection": proj_in.ndim == 2,
+              "attention_head_dim": [c // 64 for c in channels] if version in ("v2", *SDXL_VERSIONS) else 8,
+              "transformer_layers_per_block": transformer_depths(sd, down), "norm_num_groups": 32}
+    if "add_embedding.linear_1.weight" in sd:
+        config.update(sample_size=sdxl.DEFAULT_SIZE // 8, addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1])
+    return config
+
+
+def transformer_depths(sd: dict[str, Tensor], attention: list[bool]) -> int | list[int]:
+    """Transformer blocks per level (SDXL: 1 / 2 / 10), one int when every attention level and the mid block
+    agree; levels without attention take 1, the last level the mid block's depth (which diffusers reads there)."""
+    mid = count_indices(sd, "mid_block.attentions.0.transformer_blocks.")
+    depths = [count_indices(sd, f"down_blocks.{i}.attentions.0.transformer_blocks.") if a else None
+              for i, a in enumerate(attention)]
+    if len({d for d in depths if d is not None} | {mid}) == 1:
+        return mid
+    return [d if d is not None else 1 for d in depths[:-1]] + [mid]
 
 
 def infer_vae_config(sd: dict[str, Tensor], version: str) -> dict:
-    """AutoencoderKL config from shapes; latents are scaled by 0.18215 (SD 1.x / 2.x)."""
+    """AutoencoderKL config from shapes; latents are scaled by 0.18215 (SD 1.x / 2.x), SDXL's by 0.13025."""
     levels = count_indices(sd, "encoder.down_blocks.")
     return {"_class_name": "AutoencoderKL", "sample_size": 512,
             "in_channels": sd["encoder.conv_in.weight"].shape[1],
@@ -267,12 +315,17 @@ def infer_vae_config(sd: dict[str, Tensor], version: str) -> dict:
                                    for i in range(levels)],
             "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
             "layers_per_block": count_indices(sd, "encoder.down_blocks.0.resnets."), "norm_num_groups": 32,
-            "scaling_factor": 0.18215}
+            "scaling_factor": 0.18215, **(sdxl.VAE_SETTINGS if version in SDXL_VERSIONS else {})}
 
 
 def infer_text_config(sd: dict[str, Tensor], version: str) -> dict:
-    """CLIPTextModel config from shapes: heads of width 64; OpenAI CLIP (v1) uses quick_gelu, OpenCLIP (v2) gelu."""
+    """CLIPTextModel config from shapes: heads of width 64; OpenAI CLIP (v1, XL's first encoder) uses quick_gelu,
+    OpenCLIP (v2, XL's bigG, the one with a text_projection) gelu."""
     tokens = sd["text_model.embeddings.token_embedding.weight"]
+    projection = sd.get(PROJECTION + "weight")
+    if projection is not None:
+        return {**infer_text_config({k: t for k, t in sd.items() if k != PROJECTION + "weight"}, "v2"),
+                "architectures": ["CLIPTextModelWithProjection"], "projection_dim": projection.shape[0]}
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
             "vocab_size": tokens.shape[0], "hidden_size": tokens.shape[1],
             "intermediate_size": sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -330,11 +383,13 @@ def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names, "layout": dict}
+NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names,
+              "text_encoder_2": text_model_names, "layout": dict}
 
 
 def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
-    """A diffusers pipeline folder: model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
+    """A diffusers pipeline folder: model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SDXL: also
+    text_encoder_2/ tokenizer_2/; the refiner has no text_encoder/ tokenizer/)."""
     if not is_diffusers_folder(path):
         raise NanoDiffusionError(f"{path}: a folder but not a diffusers pipeline (no model_index.json or "
                                  "unet/config.json); pass a checkpoint file or a diffusers folder")
@@ -345,38 +400,52 @@ def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
         parts[name] = NAME_FIXES[name](load_state_dict(part_weights(path / name), keep_dtype=keep_dtype))
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_file) if scheduler_file.is_file() else default_scheduler("epsilon")
-    tokenizer = path / "tokenizer"
-    version = version_from_unet(parts["unet"])
-    return Checkpoint(parts, configs, scheduler, {"format": "diffusers", "version": version},
-                      tokenizer if tokenizer.is_dir() else None)
+    tokenizer, tokenizer_2 = path / "tokenizer", path / "tokenizer_2"
+    version = version_from_parts(parts)
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    return Checkpoint(parts, configs, scheduler, {"format": "diffusers", "version": version,
+                                                  **sdxl_flags(version, index)},
+                      tokenizer if tokenizer.is_dir() else None, tokenizer_2 if tokenizer_2.is_dir() else None)
 
 
 def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:
-    """Write a diffusers pipeline folder that diffusers.StableDiffusionPipeline.from_pretrained loads."""
+    """Write a diffusers pipeline folder that diffusers.StableDiffusionPipeline.from_pretrained loads (SDXL:
+    StableDiffusionXLPipeline, the refiner StableDiffusionXLImg2ImgPipeline)."""
     folder = Path(folder)
+    version = ckpt.info.get("version", "v1")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, "scheduler": PART_CLASSES["scheduler"]}
+    if version in SDXL_VERSIONS:
+        index = {"_class_name": "StableDiffusionXLPipeline" if version == "xl" else "StableDiffusionXLImg2ImgPipeline",
+                 "_diffusers_version": DIFFUSERS_VERSION, "feature_extractor": [None, None],
+                 "image_encoder": [None, None], "text_encoder": [None, None], "tokenizer": [None, None],
+                 "scheduler": ["diffusers", ckpt.scheduler.get("_class_name", "EulerDiscreteScheduler")],
+                 **sdxl_flags(version, ckpt.info)}
     for name, sd in ckpt.parts.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         config = with_class(name, ckpt.configs[name])
         (folder / name / "config.json").write_text(json.dumps(config, indent=2))
-        weights = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        weights = "model.safetensors" if name.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
         save_file({k: t.contiguous() for k, t in sd.items()}, folder / name / weights)
         index[name] = PART_CLASSES[name]
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = {"_class_name": PART_CLASSES["scheduler"][1], **ckpt.scheduler, "_diffusers_version": DIFFUSERS_VERSION}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    if ckpt.tokenizer_dir is not None:
-        save_tokenizer(Path(ckpt.tokenizer_dir), folder / "tokenizer", ckpt.info.get("version", "v1"))
-        index["tokenizer"] = PART_CLASSES["tokenizer"]
+    # SD 2.x and SDXL's bigG tokenizer pad with "!", SD 1.x and SDXL's CLIP ViT-L one with the end-of-text token
+    tokenizers = [("tokenizer", ckpt.tokenizer_dir, "!" if version == "v2" else EOS),
+                  ("tokenizer_2", ckpt.tokenizer_2_dir, "!")]
+    for name, source, pad in tokenizers:
+        if source is not None:
+            save_tokenizer(Path(source), folder / name, pad)
+            index[name] = PART_CLASSES[name]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def with_class(part: str, config: dict) -> dict:
     """A config dict with the class names diffusers / transformers expect in config.json."""
-    if part == "text_encoder":
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config}
+    if part.startswith("text_encoder"):
+        return {"architectures": [PART_CLASSES[part][1]], "model_type": "clip_text_model", **config}
     return {"_class_name": PART_CLASSES[part][1], "_diffusers_version": DIFFUSERS_VERSION, **config}
 
 
@@ -385,19 +454,16 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or all((folder / name).is_file() for name in TOKENIZER_FILES[:2])
 
 
-def save_tokenizer(source: Path, target: Path, version: str) -> None:
-    """Copy a CLIP BPE tokenizer's files and write its tokenizer_config.json
-    (SD 2.x pads with "!", SD 1.x with the end-of-text token)."""
+def save_tokenizer(source: Path, target: Path, pad_token: str) -> None:
+    """Copy a CLIP BPE tokenizer's files and write its tokenizer_config.json with `pad_token`."""
     if not has_tokenizer(source):
         raise NanoDiffusionError(f"{source}: no vocab.json + merges.txt; pass a folder with the CLIP tokenizer files")
     target.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
-    end = "<|endoftext|>"
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-              "eos_token": end, "unk_token": end, "pad_token": "!" if version == "v2" else end,
-              "do_lower_case": True}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": BOS,
+              "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token, "do_lower_case": True}
     (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -11,13 +11,14 @@ import torch
 
 from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash, read_json, settle_prediction
 from .errors import NanoDiffusionError
-from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.clip import EOS, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .models.layout import LayoutConfig, LayoutModel
 from .models.tokenizers import load_tokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .precision import precision_dtype, set_precision
 from .schedules import NoiseSchedule
+from .sdxl import SDXLModels
 from .storage import store_weights
 from .storage import weights_dtype as parse_weights_dtype
 
@@ -117,3 +118,44 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
             default_cfg=settings.get("default_cfg", 7.0),
             clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."),
         )
+
+
+def build_network(ckpt: Checkpoint, part: str, config_cls: type, model_cls: type,
+                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """One network of the checkpoint from its config, its weights loaded (strict) as build_models does: big ones
+    built on the meta device and given the checkpoint's tensors, which leave `ckpt`."""
+    big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
+    with torch.device("meta") if big else nullcontext():
+        model = from_config(lambda config: model_cls(config_cls.from_dict(config)), ckpt.configs[part], part)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")
+        load_into(model, ckpt.parts[part], part)
+    model.load_state_dict(ckpt.parts.pop(part), assign=True)
+    return store_weights(model.eval().requires_grad_(False), dtype)
+
+
+def load_sdxl(path: str | Path, *, weights_dtype: str | torch.dtype | None = None) -> SDXLModels:
+    """An SDXL base, inpainting or refiner checkpoint (diffusers folder or original single file): its UNet, VAE,
+    text encoders (CLIP ViT-L, absent in the refiner, and OpenCLIP bigG with its projection), tokenizers (the
+    folder's, else the bundled CLIP vocabulary: ViT-L padding with the end token, bigG with "!"), scheduler config
+    and pipeline flags."""
+    source = Path(path)
+    if not source.exists():
+        raise NanoDiffusionError(f"model {source} does not exist: pass an SDXL diffusers folder or single file")
+    ckpt = load_checkpoint(source, keep_dtype=True)
+    version = ckpt.info.get("version")
+    if "text_encoder_2" not in ckpt.parts or "vae" not in ckpt.parts:
+        raise NanoDiffusionError(f"{source.name}: not a complete SDXL checkpoint (version {version}; it needs "
+                                 "text_encoder_2 (OpenCLIP bigG) and a VAE)")
+    dtype = parse_weights_dtype(weights_dtype)
+    refiner = "text_encoder" not in ckpt.parts
+    text_encoder = None if refiner else build_network(ckpt, "text_encoder", CLIPTextConfig, CLIPTextModel, dtype)
+    tokenizer = None if refiner else load_tokenizer(ckpt.tokenizer_dir, pad_with=None if ckpt.tokenizer_dir else EOS)
+    return SDXLModels(
+        unet=build_network(ckpt, "unet", UNetConfig, UNet2DConditionModel, dtype),
+        vae=build_network(ckpt, "vae", VAEConfig, AutoencoderKL, dtype),
+        text_encoder=text_encoder,
+        text_encoder_2=build_network(ckpt, "text_encoder_2", CLIPTextConfig, CLIPTextModelWithProjection, dtype),
+        tokenizer=tokenizer,
+        tokenizer_2=load_tokenizer(ckpt.tokenizer_2_dir, pad_with=None if ckpt.tokenizer_2_dir else "!"),
+        scheduler=ckpt.scheduler, info=ckpt.info)

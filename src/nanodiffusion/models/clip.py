@@ -315,6 +315,14 @@ class CLIPTextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """Hidden states [B, T, D]: clip_skip=1 is the last layer, 2 the penultimate, each after the final LN."""
         config, model = self.config, self.text_model
+        self.check(input_ids, clip_skip)
+        x = model.embeddings(input_ids)
+        x = model.encoder(x, config.num_hidden_layers - clip_skip + 1)
+        return model.final_layer_norm(x)
+
+    def check(self, input_ids: torch.Tensor, clip_skip: int = 1) -> None:
+        """One-line errors for a clip skip, a length or token ids this encoder cannot take."""
+        config = self.config
         if not 1 <= clip_skip <= config.num_hidden_layers:
             raise NanoDiffusionError(f"clip skip {clip_skip} is out of range: use 1 to {config.num_hidden_layers}")
         if input_ids.shape[-1] > config.max_position_embeddings:
@@ -323,9 +331,15 @@ class CLIPTextModel(nn.Module):
         if input_ids.numel() and int(input_ids.max()) >= config.vocab_size:
             raise NanoDiffusionError(f"token id {int(input_ids.max())} is outside the text encoder's vocabulary of "
                                      f"{config.vocab_size}: the tokenizer does not match the model")
-        x = model.embeddings(input_ids)
-        x = model.encoder(x, config.num_hidden_layers - clip_skip + 1)
-        return model.final_layer_norm(x)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output [B, T, D], the embeddings first, none through the final LN (transformers'
+        output_hidden_states): [-2] is the penultimate layer SDXL and SD3 read."""
+        self.check(input_ids)
+        states = [self.text_model.embeddings(input_ids)]
+        for layer in self.text_model.encoder.layers:
+            states.append(layer(states[-1]))
+        return states
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Pooled output [B, D]: the clip_skip=1 hidden state at each sequence's end token."""
@@ -334,3 +348,16 @@ class CLIPTextModel(nn.Module):
         else:
             positions = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
         return last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), positions]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text encoder with its projection into the joint image-text space (transformers' class of the same
+    name): SDXL's second encoder, OpenCLIP ViT-bigG, whose projected pooled output conditions the UNet (§2.1)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__(config)
+        self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def text_embeds(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The projected pooled output [B, projection_dim] from the last layer's (unnormed) output."""
+        return self.text_projection(self.pool(self.text_model.final_layer_norm(last_hidden_state), input_ids))

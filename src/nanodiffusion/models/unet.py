@@ -1,5 +1,7 @@
 """The Stable Diffusion UNet: eps_theta(z_t, t, c), a UNet (Ronneberger et al. 2015) of ResNet levels with
-spatial transformers cross-attending to the text context c (LDM, Rombach et al. 2022, §3.3).
+spatial transformers cross-attending to the text context c (LDM, Rombach et al. 2022, §3.3). SDXL's UNet is the
+same network with another config: transformer depth per level and the added "text_time" conditioning
+(pooled text embedding + size / crop time ids, Podell et al. 2023, §2.2).
 
 Config fields and state_dict keys are diffusers' UNet2DConditionModel's, so a diffusers `unet/` folder
 loads with `UNetConfig.from_dict(config_json)` and `load_state_dict(strict=True)`.
@@ -22,6 +24,7 @@ from .resnet import Conv2d, DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2
 DOWN_BLOCKS = ["CrossAttnDownBlock2D", "DownBlock2D"]
 UP_BLOCKS = ["CrossAttnUpBlock2D", "UpBlock2D"]
 MID_BLOCKS = ["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"]
+ADDITION_EMBED_TYPES = ["text_time"]   # or None: no added conditioning
 
 
 @dataclass
@@ -51,6 +54,9 @@ class UNetConfig:
     num_attention_heads: int | list[int] | None = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    addition_embed_type: str | None = None                    # "text_time": SDXL's added conditioning
+    addition_time_embed_dim: int | None = None                # width of each time id's sinusoidal embedding
+    projection_class_embeddings_input_dim: int | None = None  # pooled text width + time ids x addition_time_embed_dim
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -80,6 +86,31 @@ class UNetConfig:
                       "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                       "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 8,
                       "cross_attention_dim": 32, "attention_head_dim": 2, **overrides})
+
+    @classmethod
+    def sdxl(cls, **overrides) -> UNetConfig:
+        """SDXL base (Podell et al. 2023, §2.1): three levels, transformer depths 1 / 2 / 10 with 64-wide heads, the
+        2048-wide context of both text encoders, the pooled 1280 embedding and six time ids as added conditioning
+        (in_channels=9 for the inpainting model)."""
+        return cls(**{"sample_size": 128, "block_out_channels": [320, 640, 1280],
+                      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                      "cross_attention_dim": 2048, "use_linear_projection": True,
+                      "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                      "projection_class_embeddings_input_dim": 1280 + 6 * 256, **overrides})
+
+    @classmethod
+    def sdxl_refiner(cls, **overrides) -> UNetConfig:
+        """The SDXL refiner (§2.5): four levels of 384 to 1536 channels, depth 4, the bigG context only, and five
+        time ids (original size, crop, aesthetic score) beside the pooled embedding."""
+        return cls(**{"sample_size": 128, "block_out_channels": [384, 768, 1536, 1536],
+                      "down_block_types": ["DownBlock2D", *["CrossAttnDownBlock2D"] * 2, "DownBlock2D"],
+                      "up_block_types": ["UpBlock2D", *["CrossAttnUpBlock2D"] * 2, "UpBlock2D"],
+                      "transformer_layers_per_block": 4, "attention_head_dim": [6, 12, 24, 24],
+                      "cross_attention_dim": 1280, "use_linear_projection": True,
+                      "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                      "projection_class_embeddings_input_dim": 1280 + 5 * 256, **overrides})
 
 
 def per_block(value, n: int, name: str) -> list:
@@ -112,6 +143,11 @@ def check_config(c: UNetConfig) -> None:
         if channels % h:
             raise NanoDiffusionError(f"UNet level of {channels} channels cannot split into {h} attention heads; "
                                      f"pick attention_head_dim dividing block_out_channels")
+    if c.addition_embed_type is not None and c.addition_embed_type not in ADDITION_EMBED_TYPES:
+        raise choice_error("UNet addition_embed_type", c.addition_embed_type, ADDITION_EMBED_TYPES)
+    if c.addition_embed_type and not (c.addition_time_embed_dim and c.projection_class_embeddings_input_dim):
+        raise NanoDiffusionError("UNet config addition_embed_type=\"text_time\" needs addition_time_embed_dim and "
+                                 "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
 
 
 class UNet2DConditionModel(nn.Module):
@@ -144,6 +180,8 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if c.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList(
             DownBlock2D(ch[max(i - 1, 0)], ch[i], layers[i], add_downsample=i < n - 1,
                         downsample_padding=c.downsample_padding,
@@ -161,14 +199,19 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
+                text_embeds: Tensor | None = None, time_ids: Tensor | None = None,
                 down_block_additional_residuals: list[Tensor] | None = None,
                 mid_block_additional_residual: Tensor | None = None) -> Tensor:
         """Noise prediction for `sample` [B, C, H, W] at `timestep` (scalar or [B]) given the context [B, L, D].
-        The additional residuals (a ControlNet's) are added to the skips and to the mid-block output."""
+        An SDXL UNet also takes the pooled text embedding `text_embeds` [B, P] and the size / crop `time_ids`
+        [B, N] (sdxl.py). The additional residuals (a ControlNet's) are added to the skips and to the mid-block
+        output."""
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-                                  ).to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
+        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift))
+        if c.addition_embed_type is not None or text_embeds is not None or time_ids is not None:
+            emb = emb + self.added_embedding(text_embeds, time_ids)
+        emb = emb.to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
         cache = self.deep_cache
         if cache is not None and cache.reusable(sample):
             return self.shallow(sample, emb, encoder_hidden_states, cache.features)
@@ -191,6 +234,26 @@ class UNet2DConditionModel(nn.Module):
                 cache.features = h
             h = block(h, emb, encoder_hidden_states, skips)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def added_embedding(self, text_embeds: Tensor | None, time_ids: Tensor | None) -> Tensor:
+        """SDXL's micro-conditioning (Podell et al. 2023, §2.2): every time id (original size, crop, target size or
+        aesthetic score) through the timestep sinusoid, concatenated after the pooled text embedding, through an
+        MLP whose output is added to the timestep embedding."""
+        c = self.config
+        if c.addition_embed_type is None:
+            raise NanoDiffusionError("this UNet takes no added conditioning (text_embeds / time_ids); "
+                                     "pass them to SDXL UNets only")
+        if text_embeds is None or time_ids is None:
+            raise NanoDiffusionError("an SDXL UNet needs text_embeds (the pooled text embedding) and time_ids "
+                                     "(size and crop conditioning): build them with nanodiffusion.sdxl")
+        ids = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        features = torch.cat([text_embeds.float(), ids.reshape(text_embeds.shape[0], -1)], dim=-1)
+        if features.shape[1] != c.projection_class_embeddings_input_dim:
+            raise NanoDiffusionError(f"the UNet's added conditioning takes {c.projection_class_embeddings_input_dim} "
+                                     f"features, got {features.shape[1]} ({text_embeds.shape[1]} pooled + "
+                                     f"{time_ids.shape[1]} time ids x {c.addition_time_embed_dim}): a base model "
+                                     "takes 6 time ids, the refiner 5 (with an aesthetic score)")
+        return self.add_embedding(features)
 
     def shallow(self, sample: Tensor, emb: Tensor, encoder_hidden_states: Tensor, deep: Tensor) -> Tensor:
         """DeepCache's partial step (Ma et al. 2023, §3.2): only the top level runs (conv_in, the first down

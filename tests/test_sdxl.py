@@ -1,0 +1,367 @@
+"""SDXL parity with diffusers / transformers: the UNet with its added conditioning, both text encoders, the prompt
+conditioning of StableDiffusionXLPipeline, and both on-disk layouts (diffusers folder, original single file)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanodiffusion.checkpoint_keys import diffusers_to_original, has_prefix, original_to_diffusers, text_model_names
+from nanodiffusion.checkpoints import detect_version, load_checkpoint, load_state_dict, save_diffusers, save_single_file
+from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.loading import load_sdxl
+from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
+from nanodiffusion.sdxl import MicroConditioning, SDXLConditioning, sdxl_conditioning, vae_config
+from oracles import clip_tokenizer_dir, require
+
+diffusers = require("diffusers")
+transformers = require("transformers")
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,  # noqa: E402
+                                                 convert_open_clip_checkpoint)
+
+TIME_DIM, POOLED, CONTEXT = 8, 16, 32 + 24     # tiny: time-id sinusoid width, bigG projection, CLIP-L + bigG widths
+
+
+def tiny_unet_config(time_ids: int = 6, context: int = CONTEXT, **kw) -> UNetConfig:
+    """A two-level SDXL-shaped UNet: no attention at the top level, depth 2 below, linear projections, text_time."""
+    return UNetConfig.tiny(**{"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                              "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
+                              "use_linear_projection": True, "cross_attention_dim": context,
+                              "addition_embed_type": "text_time", "addition_time_embed_dim": TIME_DIM,
+                              "projection_class_embeddings_input_dim": POOLED + time_ids * TIME_DIM, **kw})
+
+
+def unet_pair(config: UNetConfig):
+    """diffusers' UNet with seeded random weights, and ours loaded from its state_dict (strict)."""
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel.from_config(config.to_dict()).eval()
+    ours = UNet2DConditionModel(config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours
+
+
+def unet_inputs(config: UNetConfig, time_ids: list[float], batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, config.in_channels, 16, 16, generator=g),
+            torch.randn(batch, 7, config.cross_attention_dim, generator=g),
+            {"text_embeds": torch.randn(batch, POOLED, generator=g),
+             "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32)})
+
+
+UNET_CASES = {"base": (tiny_unet_config(), [1024, 768, 0, 16, 1024, 1024]),
+              "inpaint": (tiny_unet_config(in_channels=9), [512, 512, 0, 0, 512, 512]),
+              "refiner": (tiny_unet_config(time_ids=5, context=24), [1024, 1024, 0, 0, 6.0])}
+
+
+@pytest.mark.parametrize("config, time_ids", UNET_CASES.values(), ids=UNET_CASES.keys())
+@torch.no_grad()
+def test_unet_with_added_conditioning_matches_diffusers(config, time_ids):
+    reference, ours = unet_pair(config)
+    x, context, added = unet_inputs(config, time_ids)
+    for t in (999, torch.tensor([3, 700])):
+        expected = reference(x, t, context, added_cond_kwargs=added).sample
+        got = ours(x, t, context, **added)
+        assert (got - expected).abs().max() <= 1e-5
+        assert expected.abs().mean() > 1e-2
+    other = {**added, "time_ids": added["time_ids"] * 0.5}
+    assert (ours(x, 10, context, **other) - ours(x, 10, context, **added)).abs().max() > 1e-3
+
+
+def test_unet_added_conditioning_errors():
+    config, _ = UNET_CASES["base"]
+    _, ours = unet_pair(config)
+    x, context, added = unet_inputs(config, [1, 2, 3, 4, 5, 6])
+    with pytest.raises(NanoDiffusionError, match="needs text_embeds"):
+        ours(x, 10, context)
+    with pytest.raises(NanoDiffusionError, match="6 time ids"):
+        ours(x, 10, context, text_embeds=added["text_embeds"], time_ids=added["time_ids"][:, :5])
+    plain = UNet2DConditionModel(UNetConfig.tiny())
+    with pytest.raises(NanoDiffusionError, match="no added conditioning"):
+        plain(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 7, 32), **{k: v[:1] for k, v in added.items()})
+    with pytest.raises(NanoDiffusionError, match="addition_embed_type"):
+        UNet2DConditionModel(UNetConfig.tiny(addition_embed_type="text_image"))
+    with pytest.raises(NanoDiffusionError, match="needs addition_time_embed_dim"):
+        UNet2DConditionModel(UNetConfig.tiny(addition_embed_type="text_time"))
+
+
+@pytest.mark.parametrize("preset", [UNetConfig.sdxl, UNetConfig.sdxl_refiner, lambda: UNetConfig.sdxl(in_channels=9)],
+                         ids=["sdxl", "refiner", "sdxl_inpaint"])
+def test_full_size_sdxl_presets_have_diffusers_keys_and_shapes(preset):
+    config = preset()
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel.from_config(config.to_dict())
+        ours = UNet2DConditionModel(config)
+    assert ({k: v.shape for k, v in ours.state_dict().items()}
+            == {k: v.shape for k, v in reference.state_dict().items()})
+    assert UNetConfig.from_dict(dict(reference.config)) == config
+
+
+# ---- Text encoders ----
+
+def text_configs() -> tuple[dict, dict]:
+    """Tiny CLIP ViT-L-like (quick_gelu) and bigG-like (gelu, projection) configs over the real vocabulary."""
+    common = dict(vocab_size=49408, intermediate_size=48, max_position_embeddings=77, num_attention_heads=4)
+    return (dict(common, hidden_size=32, num_hidden_layers=3, hidden_act="quick_gelu", eos_token_id=49407),
+            dict(common, hidden_size=24, num_hidden_layers=3, hidden_act="gelu", projection_dim=POOLED,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1))
+
+
+@pytest.fixture(scope="module")
+def text_pairs():
+    """transformers' CLIPTextModel / CLIPTextModelWithProjection (seeded) and ours with the same weights."""
+    first, second = text_configs()
+    torch.manual_seed(0)
+    reference = (transformers.CLIPTextModel(transformers.CLIPTextConfig(**first)).eval(),
+                 transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**second)).eval())
+    ours = (CLIPTextModel(CLIPTextConfig.from_dict(first)).eval(),
+            CLIPTextModelWithProjection(CLIPTextConfig.from_dict(second)).eval())
+    for theirs, mine in zip(reference, ours):
+        mine.load_state_dict(text_model_names(theirs.state_dict()), strict=True)
+    return reference, ours
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Ours and transformers' tokenizers over the real CLIP vocabulary: CLIP-L pads with the end token, bigG with
+    "!" (as SDXL's tokenizer_2/special_tokens_map.json says)."""
+    folder = str(clip_tokenizer_dir())
+    ours = (CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_folder(folder, pad_token="!"))
+    theirs = (transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
+              transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"))
+    return ours, theirs
+
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red circle above a blue square, highly detailed"]
+
+
+def test_tokenizers_match_transformers_and_bigG_pads_with_bang(tokenizers):
+    ours, theirs = tokenizers
+    for mine, reference in zip(ours, theirs):
+        expected = reference(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        assert torch.equal(mine(PROMPTS), expected)
+    assert ours[1].pad_token_id == 0 and ours[0].pad_token_id == ours[0].eos_token_id == 49407
+    assert ours[1](PROMPTS)[0, -1] == 0
+
+
+@torch.no_grad()
+def test_text_encoders_match_transformers(text_pairs, tokenizers):
+    (reference, reference_2), (ours, ours_2) = text_pairs
+    for theirs, mine, tokenizer in ((reference, ours, tokenizers[0][0]), (reference_2, ours_2, tokenizers[0][1])):
+        ids = tokenizer(PROMPTS)
+        out = theirs(ids, output_hidden_states=True)
+        states = mine.hidden_states(ids)
+        assert len(states) == len(out.hidden_states)
+        for got, expected in zip(states, out.hidden_states):
+            assert (got - expected).abs().max() <= 1e-5
+        assert (mine(ids) - out.last_hidden_state).abs().max() <= 1e-5
+    out = reference_2(ids, output_hidden_states=True)
+    assert (ours_2.text_embeds(ours_2.hidden_states(ids)[-1], ids) - out.text_embeds).abs().max() <= 1e-5
+    assert "text_projection.weight" in ours_2.state_dict() and "text_projection.bias" not in ours_2.state_dict()
+
+
+# ---- Prompt conditioning (StableDiffusionXLPipeline.encode_prompt + _get_add_time_ids) ----
+
+def reference_pipeline(text_pairs, tokenizers, *, refiner: bool = False):
+    """diffusers' SDXL pipeline (the refiner: img2img with aesthetic scores, bigG only) on the tiny parts."""
+    (reference, reference_2), _ = text_pairs
+    vae = diffusers.AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4)
+    config = tiny_unet_config(time_ids=5, context=24) if refiner else tiny_unet_config()
+    unet = diffusers.UNet2DConditionModel.from_config(config.to_dict())
+    parts = dict(vae=vae, text_encoder=None if refiner else reference, text_encoder_2=reference_2,
+                 tokenizer=None if refiner else tokenizers[1][0], tokenizer_2=tokenizers[1][1], unet=unet,
+                 scheduler=diffusers.EulerDiscreteScheduler())
+    if refiner:
+        return diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                          force_zeros_for_empty_prompt=False)
+    return diffusers.StableDiffusionXLPipeline(**parts)
+
+
+def assert_close(ours: SDXLConditioning, context, pooled, time_ids):
+    for got, expected in zip(ours, (context, pooled, time_ids)):
+        assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-5
+
+
+SIZES = dict(original_size=(768, 1024), crops_coords_top_left=(16, 0), target_size=(1024, 896))
+
+
+@pytest.mark.parametrize("negative, clip_skip", [(None, 1), ("blurry, low quality", 1), ("", 2)],
+                         ids=["zeros", "negative", "clip_skip"])
+@torch.no_grad()
+def test_conditioning_matches_diffusers_encode_prompt(text_pairs, tokenizers, negative, clip_skip):
+    pipe = reference_pipeline(text_pairs, tokenizers)
+    (ours, ours_2), (tok, tok_2) = text_pairs[1], tokenizers[0]
+    context, negative_context, pooled, negative_pooled = pipe.encode_prompt(
+        PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=None if negative is None else [negative] * 2,
+        clip_skip=None if clip_skip == 1 else clip_skip - 1)
+    time_ids = pipe._get_add_time_ids(SIZES["original_size"], SIZES["crops_coords_top_left"], SIZES["target_size"],
+                                      dtype=torch.float32, text_encoder_projection_dim=POOLED).repeat(2, 1)
+    negative_ids = None if negative is None else (tok([negative] * 2), tok_2([negative] * 2))
+    cond, uncond = sdxl_conditioning(ours, ours_2, (tok(PROMPTS), tok_2(PROMPTS)), MicroConditioning(**SIZES),
+                                     negative_ids=negative_ids, clip_skip=clip_skip)
+    assert_close(cond, context, pooled, time_ids)
+    assert_close(uncond, negative_context, negative_pooled, time_ids)
+    assert (uncond.context.abs().max() == 0) == (negative is None)
+
+
+@torch.no_grad()
+def test_refiner_conditioning_matches_diffusers(text_pairs, tokenizers):
+    pipe = reference_pipeline(text_pairs, tokenizers, refiner=True)
+    ours_2, tok_2 = text_pairs[1][1], tokenizers[0][1]
+    context, negative_context, pooled, negative_pooled = pipe.encode_prompt(
+        PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    time_ids, negative_time_ids = pipe._get_add_time_ids(
+        (1024, 1024), (0, 0), (1024, 1024), 6.0, 2.5, (1024, 1024), (0, 0), (1024, 1024), dtype=torch.float32,
+        text_encoder_projection_dim=POOLED)
+    micro = MicroConditioning(aesthetic_score=6.0)
+    with pytest.raises(NanoDiffusionError, match="force_zeros_for_empty_prompt"):
+        sdxl_conditioning(None, ours_2, (None, tok_2(PROMPTS)), micro, force_zeros_for_empty_prompt=False)
+    cond, uncond = sdxl_conditioning(None, ours_2, (None, tok_2(PROMPTS)), micro, negative_ids=(None, tok_2(["", ""])),
+                                     force_zeros_for_empty_prompt=False)
+    assert_close(cond, context, pooled, time_ids.repeat(2, 1))
+    assert_close(uncond, negative_context, negative_pooled, negative_time_ids.repeat(2, 1))
+    assert cond.context.shape[-1] == 24 and cond.time_ids[0].tolist() == [1024, 1024, 0, 0, 6.0]
+
+
+@torch.no_grad()
+def test_conditioning_drives_the_unet_as_diffusers_does(text_pairs, tokenizers):
+    """The whole conditional branch: our conditioning into our UNet = diffusers' into diffusers'."""
+    reference, ours = unet_pair(tiny_unet_config())
+    (te, te_2), (tok, tok_2) = text_pairs[1], tokenizers[0]
+    cond, _ = sdxl_conditioning(te, te_2, (tok(PROMPTS), tok_2(PROMPTS)), MicroConditioning(**SIZES))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    expected = reference(x, 500, cond.context, added_cond_kwargs={"text_embeds": cond.text_embeds,
+                                                                  "time_ids": cond.time_ids}).sample
+    got = ours(x, 500, cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+# ---- Loading: original single files and diffusers folders ----
+
+def full_parts(refiner: bool = False) -> dict:
+    """Tiny SDXL networks built by diffusers / transformers, shaped so that configs inferred from a single file
+    (64-wide heads, 32 groups) rebuild them: {"unet", "vae", "text_encoder", "text_encoder_2"} modules."""
+    torch.manual_seed(4)
+    big_g = dict(vocab_size=49408, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=48, bos_token_id=0, eos_token_id=2,
+                 pad_token_id=1)
+    unet = UNetConfig.tiny(**{"block_out_channels": [64, 128], "norm_num_groups": 32,
+                              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                              "transformer_layers_per_block": [1, 2], "attention_head_dim": [1, 2],
+                              "use_linear_projection": True, "cross_attention_dim": 64 if refiner else 128,
+                              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                              "projection_class_embeddings_input_dim": 48 + (5 if refiner else 6) * 256})
+    models = {"unet": diffusers.UNet2DConditionModel.from_config(unet.to_dict()),
+              "vae": diffusers.AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+                                             down_block_types=["DownEncoderBlock2D"] * 2,
+                                             up_block_types=["UpDecoderBlock2D"] * 2),
+              "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**big_g))}
+    if not refiner:
+        models["text_encoder"] = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            **{**big_g, "hidden_act": "quick_gelu", "intermediate_size": 80, "projection_dim": 64}))
+    return {name: model.eval() for name, model in models.items()}
+
+
+def state_dicts(models: dict) -> dict:
+    return {name: text_model_names(m.state_dict()) if name.startswith("text") else m.state_dict()
+            for name, m in models.items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def test_single_file_layout_matches_diffusers_converter():
+    models = full_parts()
+    parts = state_dicts(models)
+    original = diffusers_to_original(parts)
+    g = "conditioner.embedders.1.model."
+    assert original[g + "transformer.resblocks.1.attn.in_proj_weight"].shape == (192, 64)
+    assert torch.equal(original[g + "text_projection"], parts["text_encoder_2"]["text_projection.weight"].T)
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in original
+    assert "model.diffusion_model.label_emb.0.2.weight" in original
+    assert detect_version(original) == "xl"
+    assert_same(convert_ldm_unet_checkpoint(original, dict(models["unet"].config)), parts["unet"])
+    assert_same(text_model_names(convert_open_clip_checkpoint(models["text_encoder_2"], original, prefix=g)),
+                parts["text_encoder_2"])
+    assert_same(text_model_names(convert_ldm_clip_checkpoint(original)), parts["text_encoder"])
+    back = original_to_diffusers({**original, g + "logit_scale": torch.tensor(4.6)})
+    for name in parts:
+        assert_same(back[name], parts[name])
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
+@torch.no_grad()
+def test_single_file_loads_and_round_trips_exactly(tmp_path, refiner):
+    models = full_parts(refiner)
+    parts = state_dicts(models)
+    original = diffusers_to_original(parts)
+    assert (refiner, refiner) == (has_prefix(original, "conditioner.embedders.0.model."),
+                                  not has_prefix(original, "conditioner.embedders.1."))
+    save_file(original, tmp_path / "sdxl.safetensors")        # no metadata, as published files: configs inferred
+    loaded = load_sdxl(tmp_path / "sdxl.safetensors")
+    assert loaded.info["version"] == ("xl-refiner" if refiner else "xl") and loaded.refiner == refiner
+    assert loaded.info["force_zeros_for_empty_prompt"] != refiner
+    assert loaded.info["requires_aesthetics_score"] == refiner
+    assert loaded.scheduler["timestep_spacing"] == "leading" and loaded.vae.config.scaling_factor == 0.13025
+    for name in parts:
+        assert_same(state_dicts({name: getattr(loaded, name)})[name], parts[name])
+    assert loaded.tokenizer_2.pad_token_id == 0
+    assert refiner or loaded.tokenizer.pad_token_id == 49407
+    time_ids = loaded.micro_conditioning(64, 96).time_ids(1)
+    assert time_ids.tolist() == [[64, 96, 0, 0, 6.0] if refiner else [64, 96, 0, 0, 64, 96]]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    context = torch.randn(1, 7, loaded.unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(1, 48), "time_ids": time_ids}
+    expected = models["unet"](x, 10, context, added_cond_kwargs=added).sample
+    assert (loaded.unet(x, 10, context, **added) - expected).abs().max() <= 1e-5
+
+    ckpt = load_checkpoint(tmp_path / "sdxl.safetensors")
+    save_single_file(ckpt, tmp_path / "again.safetensors")
+    assert_same(load_state_dict(tmp_path / "again.safetensors"), original)
+    again = load_checkpoint(tmp_path / "again.safetensors")
+    assert again.configs == ckpt.configs and again.info["version"] == ckpt.info["version"]
+
+
+@torch.no_grad()
+def test_diffusers_folder_loads_both_ways(tmp_path):
+    models = full_parts()
+    folder = str(clip_tokenizer_dir())
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")
+    pipe = diffusers.StableDiffusionXLPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                               scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading"))
+    pipe.save_pretrained(tmp_path / "theirs")
+    loaded = load_sdxl(tmp_path / "theirs")
+    parts = state_dicts(models)
+    for name in parts:
+        assert_same(state_dicts({name: getattr(loaded, name)})[name], parts[name])
+    assert loaded.info["version"] == "xl" and loaded.info["force_zeros_for_empty_prompt"]
+    assert torch.equal(loaded.tokenizer_2(PROMPTS), tokenizer_2(PROMPTS, padding="max_length", max_length=77,
+                                                                  return_tensors="pt").input_ids)
+    assert torch.equal(loaded.tokenizer(PROMPTS), tokenizer(PROMPTS, padding="max_length", max_length=77,
+                                                              return_tensors="pt").input_ids)
+    ckpt = load_checkpoint(tmp_path / "theirs")
+    save_diffusers(ckpt, tmp_path / "ours")                          # our save -> their load
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "ours")
+    for name in parts:
+        assert_same(state_dicts({name: getattr(theirs, name)})[name], parts[name])
+    assert theirs.tokenizer_2.pad_token == "!" and theirs.config.force_zeros_for_empty_prompt
+
+
+@pytest.mark.parametrize("fp16_fix", [False, True], ids=["sdxl_vae", "fp16_fix"])
+def test_vae_configs_build_diffusers_shapes(fp16_fix):
+    config = vae_config(fp16_fix=fp16_fix)
+    with torch.device("meta"):
+        reference = diffusers.AutoencoderKL.from_config(config)
+        ours = AutoencoderKL(VAEConfig.from_dict(config))
+    assert ({k: v.shape for k, v in ours.state_dict().items()}
+            == {k: v.shape for k, v in reference.state_dict().items()})
+    assert reference.config.scaling_factor == ours.config.scaling_factor == 0.13025
+    assert reference.config.force_upcast != fp16_fix
