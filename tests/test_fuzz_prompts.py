@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.lora_files import extract_lora_tags
+from nanodiffusion.prompt_schedule import composable_parts, prompt_schedule
 from nanodiffusion.prompts import (
     EMPHASIS,
     MAX_EMPHASIS,
@@ -107,6 +108,39 @@ def test_any_text_gives_our_error_or_a_checked_prompt(text):
         parse_emphasis(text)
     except NanoDiffusionError:
         pass
+
+
+SCHEDULE_PIECES = ["[", "]", "(", ")", ":", "|", "a", "b c", " ", "2", "0.5", ".5", "-1", "1e1", "\\", "\\[", "AND",
+                   ":0.8", "BREAK", "[a:b:2]", "[a|b]", "é", "\n"]
+SCHEDULE_SYNTAX = st.lists(st.sampled_from(SCHEDULE_PIECES), max_size=40).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(SCHEDULE_SYNTAX, st.text(max_size=60)), st.integers(1, 30))
+def test_prompt_schedules_are_well_formed_for_any_text(text, steps):
+    schedule = prompt_schedule(text, steps)
+    ends = [end for end, _ in schedule]
+    assert ends == sorted(set(ends)) and ends[-1] == steps and ends[0] >= 1
+    if "[" not in text:   # no edit, no alternation: the text as it is
+        assert schedule == [(steps, text)]
+    assert all(len(part) <= len(text) for _, part in schedule)
+    parts = composable_parts(text)
+    assert len(parts) == len(re.findall(r"\bAND\b", text)) + 1 and all(math.isfinite(w) for _, w in parts)
+
+
+ADVERSARIAL_SCHEDULES = {
+    "unclosed edits": lambda n: "[a:" * (n // 3),
+    "nested edits": lambda n: "[" * (n // 8) + "a:b:2" + "]" * (n // 8),
+    "alternations in emphasis": lambda n: "([a|b]" * (n // 6),
+    "failing brackets in brackets": lambda n: "[(" * (n // 2),
+    "stray runs after edits": lambda n: "[a:b:2]((" * (n // 9),
+}
+
+
+@pytest.mark.parametrize("family", ADVERSARIAL_SCHEDULES)
+def test_prompt_schedule_handles_the_longest_prompts(family):
+    """No recursion: a prompt of MAX_PROMPT_CHARS nested brackets is parsed, not a RecursionError."""
+    assert prompt_schedule(ADVERSARIAL_SCHEDULES[family](MAX_PROMPT_CHARS), 20)[-1][0] == 20
 
 
 def cpu_seconds(function, text: str) -> float:

@@ -2,37 +2,84 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 DenoiserFn = Callable[..., torch.Tensor]
+Conditioning = dict[str, torch.Tensor]
 
 
-def cfg_denoiser(denoiser: DenoiserFn, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                 scale: float, min_sigma: float | None = None) -> DenoiserFn:
-    """D~(x, sigma) = D(x, sigma; uncond) + scale (D(x, sigma; cond) - D(x, sigma; uncond)).
+class ConditioningSchedule(Protocol):
+    """Conditioning that changes with the sampling step: the (inputs, weight) parts to guide with at a step."""
 
-    Ho & Salimans 2022, eq. 6, written for x0 instead of eps (the same for any affine prediction). Both
-    branches run as one batch [uncond, cond]; each conditioning tensor is concatenated along dim 0.
-    Scale 1 is the conditional model alone, so the unconditional half is skipped. With `min_sigma`, guidance
-    is applied only while sigma > min_sigma and the conditional model runs alone below it (an approximate
-    fast path: guidance limited to an interval of noise levels, Kynkaanniemi et al. 2024, here cut at the
-    low-noise end, where it matters least, so the last steps cost one network pass instead of two).
+    def at(self, step: int) -> list[tuple[Conditioning, float | torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A plain conditioning as a schedule: one part, weight 1, at every step."""
+
+    inputs: Conditioning
+
+    def at(self, step: int) -> list[tuple[Conditioning, float | torch.Tensor]]:
+        return [(self.inputs, 1.0)]
+
+
+def cfg_denoiser(denoiser: DenoiserFn, cond: Conditioning | ConditioningSchedule,
+                 uncond: Conditioning | ConditioningSchedule, scale: float, min_sigma: float | None = None,
+                 sigmas: torch.Tensor | None = None) -> DenoiserFn:
+    """D~(x, sigma) = D(x, sigma; uncond) + sum_i w_i scale (D(x, sigma; cond_i) - D(x, sigma; uncond)).
+
+    Ho & Salimans 2022, eq. 6, written for x0 instead of eps (the same for any affine prediction); with several
+    weighted parts (`a AND b :w`) it is the conjunction of composable diffusion (Liu et al. 2022), and a plain
+    prompt is one part of weight 1. `cond` / `uncond` are dicts of inputs ({"context": ...}) or schedules of them
+    (prompt_schedule.BatchConditioning); a schedule is read at the step i with sigmas[i] >= sigma >
+    sigmas[i + 1] of the sampler's `sigmas` (midpoint evaluations belong to their step). All branches run as one
+    batch [uncond, cond_1, ..., cond_n]; each input is concatenated along dim 0. One part whose weight times the
+    scale is 1 is that conditional model alone, so the unconditional branch is skipped. With `min_sigma`, guidance
+    is applied only while sigma > min_sigma and scale is 1 below it (an approximate fast path: guidance limited to
+    an interval of noise levels, Kynkaanniemi et al. 2024, here cut at the low-noise end, where it matters least,
+    so the last steps of a plain prompt cost one network pass instead of two).
     """
-    if set(cond) != set(uncond):
-        raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    cond, uncond = as_schedule(cond), as_schedule(uncond)
+    if sigmas is None and not (isinstance(cond, Constant) and isinstance(uncond, Constant)):
+        raise ValueError("a prompt schedule needs the sampler's sigmas, to find the step of each call")
+    keys, uncond_keys = set(cond.at(0)[0][0]), set(uncond.at(0)[0][0])
+    if keys != uncond_keys:
+        raise ValueError(f"cond and uncond need the same keys, got {sorted(keys)} and {sorted(uncond_keys)}")
+    bounds = [] if sigmas is None else [float(s) for s in sigmas[1:-1]]
 
     def guided(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        if scale == 1 or (min_sigma is not None and float(torch.as_tensor(sigma).max()) <= min_sigma):
-            return denoiser(x, sigma, **cond)
+        level = float(torch.as_tensor(sigma).max())
+        step = sum(bound >= level for bound in bounds)
+        parts, negative = cond.at(step), uncond.at(step)[0][0]
+        guidance = 1.0 if min_sigma is not None and level <= min_sigma else scale
+        if len(parts) == 1 and not torch.is_tensor(parts[0][1]) and parts[0][1] * guidance == 1:
+            return denoiser(x, sigma, **parts[0][0])
+        branches = [negative, *(inputs for inputs, _ in parts)]
+        batched = {key: torch.cat([inputs[key] for inputs in branches]) for key in negative}
+        n = len(branches)
         sigma = torch.as_tensor(sigma)
-        sigma = sigma.repeat(2) if sigma.ndim else sigma
-        x0_uncond, x0_cond = denoiser(torch.cat([x, x]), sigma, **both).chunk(2)
-        return x0_uncond + scale * (x0_cond - x0_uncond)
+        x0_uncond, *x0_conds = denoiser(torch.cat([x] * n), sigma.repeat(n) if sigma.ndim else sigma,
+                                        **batched).chunk(n)
+        x0 = x0_uncond
+        for x0_cond, (_, weight) in zip(x0_conds, parts):
+            x0 = x0 + per_row(weight, x0) * guidance * (x0_cond - x0_uncond)
+        return x0
 
     return guided
+
+
+def per_row(weight: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """A part's weight as a factor of x: one number, or one per batch row (rows whose prompts differ)."""
+    return weight.to(x).reshape(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(weight) else weight
+
+
+def as_schedule(cond: Conditioning | ConditioningSchedule) -> ConditioningSchedule:
+    """A schedule as it is; a dict of inputs as the one-part constant schedule."""
+    return Constant(cond) if isinstance(cond, dict) else cond
 
 
 def classifier_guidance(denoiser: DenoiserFn, classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -33,25 +33,11 @@ SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cf
 def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
                  ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, LayoutModel | None]:
     """Instantiate the networks (the layout model where the checkpoint has one) from their configs and load their
-    weights (strict), with the conv / linear weights stored in `dtype` (storage.py). Big networks are built on the meta device (no random init) and take
-    the checkpoint's tensors as their parameters, which leave `ckpt`; store_weights then copies them into memory
-    in their storage dtype one by one, so loading never holds a second copy of the weights."""
+    weights (strict), with the conv / linear weights stored in `dtype` (storage.py); see build_network."""
     networks = {"unet": (UNetConfig, UNet2DConditionModel), "vae": (VAEConfig, AutoencoderKL),
                 "text_encoder": (CLIPTextConfig, CLIPTextModel), "layout": (LayoutConfig, LayoutModel)}
-    models = []
-    for part, (config_cls, model_cls) in networks.items():
-        if part not in ckpt.parts:
-            models.append(None)
-            continue
-        big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
-        with torch.device("meta") if big else nullcontext():
-            model = from_config(lambda config: model_cls(config_cls.from_dict(config)), ckpt.configs[part], part)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*meta parameter.*")
-            load_into(model, ckpt.parts[part], part)   # checks names and shapes; copying onto meta is a no-op
-        model.load_state_dict(ckpt.parts.pop(part), assign=True)
-        models.append(store_weights(model.eval().requires_grad_(False), dtype))
-    return tuple(models)
+    return tuple(build_network(ckpt, part, *classes, dtype) if part in ckpt.parts else None
+                 for part, classes in networks.items())
 
 
 def from_config(build: Callable[[dict], T], config: dict, part: str) -> T:
@@ -122,14 +108,16 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
 
 def build_network(ckpt: Checkpoint, part: str, config_cls: type, model_cls: type,
                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """One network of the checkpoint from its config, its weights loaded (strict) as build_models does: big ones
-    built on the meta device and given the checkpoint's tensors, which leave `ckpt`."""
+    """One network of the checkpoint from its config, its weights loaded (strict). Big networks are built on the
+    meta device (no random init) and take the checkpoint's tensors as their parameters, which leave `ckpt`;
+    store_weights then copies them into memory in their storage dtype one by one, so loading never holds a second
+    copy of the weights."""
     big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
     with torch.device("meta") if big else nullcontext():
         model = from_config(lambda config: model_cls(config_cls.from_dict(config)), ckpt.configs[part], part)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        load_into(model, ckpt.parts[part], part)
+        load_into(model, ckpt.parts[part], part)   # checks names and shapes; copying onto meta is a no-op
     model.load_state_dict(ckpt.parts.pop(part), assign=True)
     return store_weights(model.eval().requires_grad_(False), dtype)
 

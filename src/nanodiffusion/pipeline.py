@@ -32,6 +32,7 @@ from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tag
 from .models.controlnet import controlnet_unet
 from .models.layout import layout_noise
 from .noise import seeded_noise
+from .prompt_schedule import batch_conditioning
 from .prompts import encode_prompts, format_parameters, prompt_warnings
 from .request import GenerationRequest, GenerationResult, check_size
 from .sampler_names import scheduler_label
@@ -207,10 +208,12 @@ class Pipeline:
         options = {"eta": r.eta} if r.eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
         noise_schedule = info.schedule(self.schedule)   # keys the config lacks: this sampler's diffusers defaults
         sigmas = info.sigmas(noise_schedule, steps, r.schedule)
-        cond, uncond = self.encode_text(texts, r.negative_prompt, r.clip_skip)
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         net = self.unet_function(r.control_image, r.control_scale, width, height, r.controlnet)
-        cond, uncond = self.guidance_inputs(cond, uncond, generators, *shape[-2:])
+        cond, uncond = batch_conditioning(
+            lambda prompts: encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=r.clip_skip),
+            lambda c, u, rows: self.guidance_inputs(c, u, generators, *shape[-2:], rows), texts, r.negative_prompt,
+            steps)
         mask = r.mask if known is None else None
         img2img = known is not None or r.init_image is not None
         if known is None and r.init_image is not None:
@@ -242,8 +245,8 @@ class Pipeline:
                 denoiser = Denoiser(net, noise_schedule, self.prediction, info.multistep)
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
-        guided = info.clipped(cfg_denoiser(denoiser, cond, uncond, r.cfg, r.fast.guidance_min_sigma(sigmas)),
-                              noise_schedule)
+        guided = info.clipped(
+            cfg_denoiser(denoiser, cond, uncond, r.cfg, r.fast.guidance_min_sigma(sigmas), sigmas), noise_schedule)
 
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not r.progress, leave=False)
 
@@ -328,15 +331,16 @@ class Pipeline:
         return net if self.layout is None else with_layout_channels(net)
 
     def guidance_inputs(self, cond: torch.Tensor, uncond: torch.Tensor, generators: list[torch.Generator],
-                        height: int, width: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                        height: int, width: int,
+                        rows: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The conditional and unconditional inputs of classifier-free guidance for text contexts cond / uncond:
         with a layout stage, also its slot map on the height x width latent grid (one box draw per generator)
-        and a blank map for the unconditional branch."""
+        and a blank map for the unconditional branch. `rows`: the generator of each cond row (default: its own)."""
         cond, uncond = {"context": cond}, {"context": uncond}
         if self.layout is not None:
             noise = layout_noise(generators, self.layout.config.slots)
-            cond["layout"] = self.layout(cond["context"], noise, height, width)
-            uncond["layout"] = torch.zeros_like(cond["layout"])
+            cond["layout"] = self.layout(cond["context"], noise if rows is None else noise[rows], height, width)
+            uncond["layout"] = cond["layout"].new_zeros(len(uncond["context"]), *cond["layout"].shape[1:])
         return cond, uncond
 
     def inpainting_function(self, mask: torch.Tensor, masked: torch.Tensor) -> Callable[..., torch.Tensor]:

@@ -3,7 +3,8 @@
 The emphasis syntax is the one the popular web UI made standard:
 `(word)` multiplies attention by 1.1, `[word]` divides by 1.1, `(word:1.3)` sets 1.3, and nesting
 multiplies; `\\(` and `\\)` are literal brackets. Prompts longer than one chunk are split into chunks
-of `model_max_length - 2` tokens, each encoded on its own and concatenated along the sequence.
+of `model_max_length - 2` tokens, each encoded on its own and concatenated along the sequence; the word BREAK
+ends a chunk early (the rest of it is padding), so what follows starts a chunk of its own.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import Protocol, Sequence
 import torch
 
 from .errors import NanoDiffusionError
+from .prompt_schedule import ScheduledConditioning
 
 EMPHASIS = 1.1
 MAX_EMPHASIS = 100.0   # |weight| of a run after nesting: beyond it text embeddings overflow float32
 MAX_PROMPT_CHARS = 20_000
+WARNING_STEPS = 100   # a schedule read at 100 steps shows edits to 1 % and every option of alternations up to 100
 
 _TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
 class Tokenizer(Protocol):
@@ -113,52 +117,57 @@ def check_emphasis(weight: float, where: str) -> None:
                                  f"multiply; keep weights within +-{MAX_EMPHASIS:g}")
 
 
-def weighted_tokens(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[float]]:
-    """Token ids of a prompt (no start/end tokens) with the emphasis weight of each token."""
+def weighted_chunks(tokenizer: Tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
+    """Token ids of a prompt (no start/end tokens) with the emphasis weight of each token, split into chunks of at
+    most model_max_length - 2 tokens; BREAK ends a chunk (a trailing BREAK adds no empty chunk)."""
     check_prompt(text)
-    ids: list[int] = []
-    weights: list[float] = []
-    for chunk, weight in parse_emphasis(text):
-        chunk_ids = tokenizer.encode(chunk)
-        ids += chunk_ids
-        weights += [weight] * len(chunk_ids)
-    return ids, weights
+    body = tokenizer.model_max_length - 2
+    chunks: list[tuple[list[int], list[float]]] = [([], [])]
+    for run, weight in parse_emphasis(text):
+        for k, piece in enumerate(BREAK.split(run)):
+            if k:
+                chunks.append(([], []))
+            for token in tokenizer.encode(piece):
+                if len(chunks[-1][0]) == body:
+                    chunks.append(([], []))
+                chunks[-1][0].append(token)
+                chunks[-1][1].append(weight)
+    if len(chunks) > 1 and not chunks[-1][0]:
+        chunks.pop()
+    return chunks
 
 
-def chunk_tokens(tokenizer: Tokenizer, ids: list[int], weights: list[float],
+def chunk_tokens(tokenizer: Tokenizer, chunks: list[tuple[list[int], list[float]]],
                  n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lay tokens out as n_chunks rows of [bos, up to L-2 tokens, eos, pad...] with per-token weights."""
-    length = tokenizer.model_max_length
-    body = length - 2
+    """Lay chunks out as n_chunks rows of [bos, up to L-2 tokens, eos, pad...] with per-token weights (missing
+    chunks are empty ones)."""
     rows, row_weights = [], []
     for c in range(n_chunks):
-        part = ids[c * body:(c + 1) * body]
-        part_w = weights[c * body:(c + 1) * body]
-        pad = body - len(part)
+        part, part_w = chunks[c] if c < len(chunks) else ([], [])
+        pad = tokenizer.model_max_length - 2 - len(part)
         rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
         row_weights.append([1.0, *part_w, 1.0] + [1.0] * pad)
     return torch.tensor(rows), torch.tensor(row_weights)
 
 
-def chunks_needed(tokenizer: Tokenizer, n_tokens: int) -> int:
-    """How many model_max_length chunks a prompt of n_tokens tokens occupies (at least one)."""
-    body = tokenizer.model_max_length - 2
-    return max(1, -(-n_tokens // body))
-
-
 def prompt_warnings(tokenizer: Tokenizer, text: str) -> list[str]:
-    """What a user should hear about a prompt the model will still run on: empty, unknown words, split into chunks."""
+    """What a user should hear about a prompt the model will still run on: empty, unknown words, split into chunks.
+    Every text the prompt's edits, alternations and AND parts produce is checked (its schedule over WARNING_STEPS)."""
     if not text.strip():
         return ["empty prompt: the image is an unconditional sample"]
     messages = []
-    plain = "".join(chunk for chunk, _ in parse_emphasis(text))   # weights like (red:1.2) are not words
+    texts = ScheduledConditioning.parse(text, WARNING_STEPS).values()
+    plain = " ".join(BREAK.sub(" ", run) for t in texts for run, _ in parse_emphasis(t))   # (red:1.2): not words
     unknown = getattr(tokenizer, "unknown_words", lambda _: [])(plain)
     if unknown:
         messages.append(f"words this model does not know are ignored: {', '.join(unknown)}")
-    n_tokens = len(weighted_tokens(tokenizer, text)[0])
-    if chunks_needed(tokenizer, n_tokens) > 1:
-        messages.append(f"prompt is {n_tokens} tokens, longer than the {tokenizer.model_max_length - 2} the model "
-                        f"reads at once: encoded in {chunks_needed(tokenizer, n_tokens)} chunks")
+    body = tokenizer.model_max_length - 2
+    cut = [chunks for chunks in (weighted_chunks(tokenizer, t) for t in texts)
+           if any(len(ids) == body for ids, _ in chunks[:-1])]   # a full chunk before another: cut, not BREAK
+    if cut:
+        n_tokens, n_chunks = max((sum(len(ids) for ids, _ in chunks), len(chunks)) for chunks in cut)
+        messages.append(f"prompt is {n_tokens} tokens, longer than the {body} the model reads at once: encoded in "
+                        f"{n_chunks} chunks")
     return messages
 
 
@@ -166,11 +175,11 @@ def prompt_warnings(tokenizer: Tokenizer, text: str) -> list[str]:
 def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
                    clip_skip: int = 1) -> torch.Tensor:
     """Encode prompts to [B, chunks*L, D]; weights scale token embeddings, then the mean is restored."""
-    tokenized = [weighted_tokens(tokenizer, p) for p in prompts]
-    n_chunks = max(chunks_needed(tokenizer, len(ids)) for ids, _ in tokenized)
+    chunked = [weighted_chunks(tokenizer, p) for p in prompts]
+    n_chunks = max(len(chunks) for chunks in chunked)
     out = []
-    for ids, weights in tokenized:
-        rows, row_weights = chunk_tokens(tokenizer, ids, weights, n_chunks)
+    for chunks in chunked:
+        rows, row_weights = chunk_tokens(tokenizer, chunks, n_chunks)
         z = text_encoder(rows, clip_skip=clip_skip)
         if (row_weights != 1).any():
             mean_before = z.mean()
