@@ -1,5 +1,6 @@
 """`nanodiff finetune` on a tiny random model: LoRA learns and leaves the base alone, its file loads back and
-changes the images; DreamBooth's prior-preservation loss; the model folder loads; bad data fails early."""
+changes the images; DreamBooth's prior-preservation loss; the model folder loads; bad data fails early; a model
+with a layout stage is fine-tuned on the slot map of the folder's boxes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import torch
 from PIL import Image
 from tiny import tiny_pipeline
 
+from nanodiffusion.data.folder import ImageFolderDataset
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.lora_files import load_lora, read_metadata
+from nanodiffusion.models.layout import LayoutConfig, LayoutModel
+from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
 from nanodiffusion.models.word_tokenizer import WordTokenizer
 from nanodiffusion.pipeline import Pipeline
 from nanodiffusion.train.diffusion import DiffusionObjective
 from nanodiffusion.train.dreambooth import PriorPreservationObjective
-from nanodiffusion.train.finetune import finetune, latent_batch, main
+from nanodiffusion.train.finetune import finetune, latent_batch, main, slot_boxes
 
 SIZE = 32
 FAST = {"warmup": 2, "log_every": 5, "checkpoint_every": 1000, "ema_decay": 0.0}
@@ -47,6 +51,20 @@ def images(tmp_path):
         Image.fromarray(pixels).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
     return folder
+
+
+def with_layout(pipe: Pipeline) -> list[torch.Tensor]:
+    """Give the pipeline a tiny frozen layout stage and a UNet that reads its map; returns the list into which
+    every UNet call puts the map channels it saw."""
+    context_dim = pipe.text_encoder.config.hidden_size
+    torch.manual_seed(1)
+    pipe.layout = LayoutModel(LayoutConfig(context_dim=context_dim, dim=32, heads=2, slot_layers=1, box_layers=2,
+                                           map_channels=3)).eval().requires_grad_(False)
+    pipe.unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=SIZE // 2, in_channels=4 + 3,
+                                                     cross_attention_dim=context_dim)).eval().requires_grad_(False)
+    seen, forward = [], pipe.unet.forward
+    pipe.unet.forward = lambda x, t, context: seen.append(x[:, 4:].detach().clone()) or forward(x, t, context)
+    return seen
 
 
 def states(*models) -> list[dict[str, torch.Tensor]]:
@@ -160,3 +178,51 @@ def test_bad_data_fails_before_training(tmp_path):
         finetune("lora", data=uncaptioned, output=tmp_path / "done", base=pipe, resume=False, **FAST)
     with pytest.raises(NanoDiffusionError, match="unknown fine-tuning kind"):
         finetune("textual_inversion", data=uncaptioned, output=tmp_path / "run", base=pipe, **FAST)
+
+
+def test_fine_tuning_paints_the_slot_map_at_the_given_boxes_and_none_without():
+    pipe = tiny_pipe()
+    seen = with_layout(pipe)
+    objective = DiffusionObjective(pipe.unet, pipe.text_encoder, pipe.schedule.alphas_cumprod,
+                                   pipe.tokenizer([""])[0], uncond_prob=0.0, layout=pipe.layout)
+    ids = pipe.tokenizer(["a red circle", "a blue square", "a red cross"])
+    boxes = torch.zeros(3, 4, 4)
+    boxes[0, 0] = torch.tensor([1, 0.3, 0.3, 0.15])
+    boxes[1, :2] = torch.tensor([[1, 0.7, 0.25, 0.1], [1, 0.4, 0.75, 0.2]])
+    batch = {"mean": torch.randn(3, 4, 16, 16), "std": torch.full((3, 4, 16, 16), 0.1), "input_ids": ids,
+             "scaling_factor": torch.ones(3), "boxes": boxes, "has_boxes": torch.tensor([True, True, False])}
+    loss, logs = objective(batch)
+    assert loss.isfinite() and "layout" not in logs
+    with torch.no_grad():
+        expected = pipe.layout.paint(boxes, pipe.layout.read_slots(pipe.text_encoder(ids)), 16, 16)
+    torch.testing.assert_close(seen[0][:2], expected[:2])
+    assert expected[:2].abs().amax((1, 2, 3)).min() > 0 and seen[0][2].abs().max() == 0
+
+
+def test_folder_boxes_reach_the_fine_tuning_slot_map(images, tmp_path):
+    pipe = tiny_pipe()
+    seen = with_layout(pipe)
+    with pytest.warns(UserWarning, match='4 of 4 images in .* have no "boxes" in metadata.jsonl'):
+        finetune("lora", data=images, output=tmp_path / "plain", base=pipe, steps=1, batch_size=4, **FAST)
+    assert seen and all(m.abs().max() == 0 for m in seen)   # no boxes: no slot map
+
+    lines = [{"file_name": f"{i}.png", "text": (images / f"{i}.txt").read_text(), "boxes": [[0.5, 0.5 + i / 32, 0.25]]}
+             for i in range(4)]
+    (images / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    got = slot_boxes(ImageFolderDataset(images, SIZE), slots=4)
+    assert got["has_boxes"].all() and got["boxes"][:, 1:].abs().max() == 0
+    torch.testing.assert_close(got["boxes"][1, 0], torch.tensor([1.0, 0.5, 0.5 + 1 / 32, 0.25]))
+    with pytest.raises(NanoDiffusionError, match=r"0\.png has 1 boxes in metadata.jsonl .* 0 object slots"):
+        slot_boxes(ImageFolderDataset(images, SIZE), slots=0)
+    seen.clear()
+    finetune("lora", data=images, output=tmp_path / "boxed", base=pipe, steps=2, batch_size=4, **FAST)
+    assert seen and all(m.abs().amax((1, 2, 3)).min() > 0 for m in seen)   # every image's map painted
+
+
+def test_shapes_scenes_give_their_own_boxes():
+    from nanodiffusion.data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(3)
+    got = slot_boxes(dataset, slots=4)
+    assert got["has_boxes"].all()
+    torch.testing.assert_close(got["boxes"], torch.tensor([dataset.boxes(i) for i in range(3)]))

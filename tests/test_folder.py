@@ -1,4 +1,5 @@
-"""User image folders: captions from .txt or metadata.jsonl, centre crop, clear errors, broken files skipped."""
+"""User image folders: captions (and object boxes) from .txt or metadata.jsonl, centre crop, clear errors, broken
+files skipped."""
 
 import json
 
@@ -79,3 +80,29 @@ def test_bad_metadata_line_is_reported(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{oops\n')
     with pytest.raises(NanoDiffusionError, match="metadata.jsonl line 2"):
         ImageFolderDataset(tmp_path)
+
+
+def test_object_boxes_from_metadata(tmp_path):
+    save(tmp_path / "a.png")
+    save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("a red circle")
+    entry = {"file_name": "a.png", "text": "a red circle above a blue square",
+             "boxes": [[0.5, 0.25, 0.1], [0.5, 0.75, 1]]}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(entry))
+    dataset = ImageFolderDataset(tmp_path, size=16)
+    assert dataset[0]["caption"] == "a red circle above a blue square"
+    assert dataset.object_boxes(0) == [(0.5, 0.25, 0.1), (0.5, 0.75, 1.0)] and dataset.object_boxes(1) is None
+    assert not hasattr(dataset, "boxes")   # train/diffusion.py trains a layout stage on datasets with boxes(i)
+
+
+@pytest.mark.parametrize("boxes", [[0.5, 0.5, 0.1], [[0.5, 0.5]], [[0.5, 1.5, 0.1]], [[0.5, 0.5, 0]],
+                                   [["0.5", 0.5, 0.1]], [[True, 0.5, 0.1]], "0.5 0.5 0.1"])
+def test_malformed_boxes_are_one_line_naming_the_file_and_line(tmp_path, boxes):
+    save(tmp_path / "a.png")
+    save(tmp_path / "b.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "ok"}) + "\n"
+                                             + json.dumps({"file_name": "b.png", "text": "ok", "boxes": boxes}) + "\n")
+    with pytest.raises(NanoDiffusionError) as error:
+        ImageFolderDataset(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and f"{tmp_path / 'metadata.jsonl'} line 2" in message and '"boxes"' in message

@@ -67,9 +67,20 @@ class DiffusionObjective(nn.Module):
         self.snr_gamma = snr_gamma
         self.uncond_prob = uncond_prob
 
+    @torch.no_grad()
+    def frozen_slot_map(self, context: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor,
+                        height: int, width: int) -> torch.Tensor:
+        """Fine-tuning's map: the frozen layout stage's slots painted at each image's true boxes (batch "boxes" where
+        "has_boxes"); zeros for images without (sampled boxes would contradict the image: docs/finetune.md)."""
+        known = keep & batch["has_boxes"] if "has_boxes" in batch else torch.zeros_like(keep)
+        if not known.any():
+            return context.new_zeros(len(context), self.layout.config.map_channels, height, width)
+        slot_map = self.layout.paint(batch["boxes"], self.layout.read_slots(context), height, width)
+        return slot_map * known.view(-1, 1, 1, 1)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Min-SNR weighted MSE between prediction and target at uniformly drawn timesteps; with a layout model,
-        the UNet also sees the slot map of the true boxes, and the box flow loss is added (models/layout.py)."""
+        the UNet also sees the slot map of the true boxes, and (with labels: stage 2) the layout losses are added."""
         mean, std, ids = batch["mean"], batch["std"], batch["input_ids"]
         scale = batch["scaling_factor"].view(-1, 1, 1, 1)
         x0 = (mean + std * torch.randn_like(mean)) * scale  # a posterior sample, scaled to unit variance
@@ -81,7 +92,7 @@ class DiffusionObjective(nn.Module):
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         context = self.text_encoder(ids)
         logs, layout_loss = {}, 0.0
-        if self.layout is not None and "boxes" in batch:   # training the layout stage on known boxes
+        if self.layout is not None and "labels" in batch:   # training the layout stage on known boxes
             slots, boxes, keep = self.layout.read_slots(context), batch["boxes"], ~drop
             slot_map = self.layout.paint(boxes, slots, *x_t.shape[-2:]) * keep.view(-1, 1, 1, 1)
             per_image = (self.layout.flow_loss(boxes, slots, context)
@@ -89,10 +100,8 @@ class DiffusionObjective(nn.Module):
             layout_loss = per_image.sum() / keep.sum().clamp(min=1)
             logs["layout"] = layout_loss.detach()
             x_t = torch.cat([x_t, slot_map], dim=1)
-        elif self.layout is not None:   # fine-tuning a model with a (frozen) layout stage: boxes drawn from the text
-            box_noise = torch.randn(len(ids), self.layout.config.slots, 4, device=ids.device)
-            slot_map = self.layout(context.detach(), box_noise, *x_t.shape[-2:]) * (~drop).view(-1, 1, 1, 1)
-            x_t = torch.cat([x_t, slot_map], dim=1)
+        elif self.layout is not None:   # fine-tuning a model with a frozen layout stage
+            x_t = torch.cat([x_t, self.frozen_slot_map(context, batch, ~drop, *x_t.shape[-2:])], dim=1)
         prediction = self.unet(x_t, t, context).float()
         target = diffusion_target(x0, noise, alpha_bar, self.prediction)
         mse = (prediction - target).pow(2).flatten(1).mean(1)

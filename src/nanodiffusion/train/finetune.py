@@ -9,8 +9,9 @@ accelerate loop (loop.py: checkpoints, resume, EMA, LR schedule, CSV log, previe
   (Sec. 3.3) first generates class images with the frozen base model, then trains on
   L = L(instance images) + lambda * L(class images), so the model learns the new concept without forgetting
   what it already draws. Output: a diffusers-style model folder, loaded with `--model FOLDER`.
-Prior preservation works for LoRA too (kohya's "regularisation images"). Re-running with the same output
-folder resumes from its last checkpoint.
+Prior preservation works for LoRA too (kohya's "regularisation images"). A model with a layout stage (the built-in
+one) keeps it frozen and is fine-tuned on the slot map of each image's boxes from metadata.jsonl (docs/finetune.md).
+Re-running with the same output folder resumes from its last checkpoint.
 
     nanodiff finetune lora --data my-images --output runs/my-lora --steps 300
     nanodiff finetune dreambooth --data my-images --instance-prompt "a sks shape" \
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,10 +105,33 @@ def instance_captions(captions: list[str], instance_prompt: str | None, data: ob
     return captions
 
 
+def slot_boxes(dataset: object, slots: int) -> dict[str, torch.Tensor]:
+    """The images' object boxes, from the shapes scenes (dataset.boxes) or a folder's metadata.jsonl
+    (dataset.object_boxes), as a layout stage's slot boxes: "boxes" (N, slots, 4) of (present, cx, cy, half side)
+    and "has_boxes" (N,); images without boxes get zeros and False."""
+    boxes, known = torch.zeros(len(dataset), slots, 4), torch.zeros(len(dataset), dtype=torch.bool)
+    for i in range(len(dataset)):
+        if hasattr(dataset, "boxes"):
+            objects = [box[1:] for box in dataset.boxes(i) if box[0]]
+        else:
+            objects = dataset.object_boxes(i) if hasattr(dataset, "object_boxes") else None
+        if objects is None:
+            continue
+        if len(objects) > slots:
+            raise NanoDiffusionError(f"{dataset.items[i][0]} has {len(objects)} boxes in metadata.jsonl but the "
+                                     f"model's layout stage has {slots} object slots: give at most {slots}")
+        known[i] = True
+        for k, box in enumerate(objects):
+            boxes[i, k] = torch.tensor([1.0, *box])
+    return {"boxes": boxes, "has_boxes": known}
+
+
 def latent_batch(cache: dict, ids: torch.Tensor, indices: torch.Tensor, scaling: float) -> dict[str, torch.Tensor]:
-    """Posterior mean / std, token ids and VAE scaling of the given cached images (what DiffusionObjective reads)."""
+    """Posterior mean / std, token ids, VAE scaling (and slot boxes, when the cache has them) of the given cached
+    images: what DiffusionObjective reads."""
     return {"mean": cache["mean"][indices].float(), "std": cache["std"][indices].float(), "input_ids": ids[indices],
-            "scaling_factor": torch.full((len(indices),), scaling)}
+            "scaling_factor": torch.full((len(indices),), scaling),
+            **{key: cache[key][indices] for key in ("boxes", "has_boxes") if key in cache}}
 
 
 # ---- The run ----
@@ -135,6 +160,14 @@ def run_finetune(base: Base, data: str | Path | None, config: TrainConfig, setti
     output.mkdir(parents=True, exist_ok=True)
     config = replace(config, lr=config.lr or LEARNING_RATES[settings.kind])
     instance = cache_latents(pipe.vae, dataset, output / "instance_latents.pt")
+    if pipe.layout is not None:
+        instance.update(slot_boxes(dataset, pipe.layout.config.slots))
+        missing = int((~instance["has_boxes"]).sum())
+        if missing:
+            warnings.warn(f"{missing} of {len(dataset)} images in {data} have no \"boxes\" in metadata.jsonl: the "
+                          "model has a layout stage, so they train without its slot map and teach it little "
+                          "(docs/finetune.md); add each image's objects as [centre x, centre y, half side] "
+                          "fractions, in its caption's order", stacklevel=2)
     instance_ids = pipe.tokenizer(instance_captions(instance["captions"], settings.instance_prompt, data))
     prior = None
     if settings.num_class_images:
