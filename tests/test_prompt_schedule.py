@@ -176,13 +176,13 @@ def fake_network(log: list):
     return denoiser
 
 
-def encode_letters(texts: list[str]) -> torch.Tensor:
+def encode_letters(texts: list[str]) -> dict[str, torch.Tensor]:
     """A [n, 1, 1] context per text: a number the text names (its letters' positions, summed)."""
-    return torch.tensor([[[float(sum(ord(ch) - 96 for ch in t if ch.isalpha()))]] for t in texts])
+    return {"context": torch.tensor([[[float(sum(ord(ch) - 96 for ch in t if ch.isalpha()))]] for t in texts])}
 
 
 def plain_inputs(cond, uncond, rows):
-    return {"context": cond}, {"context": uncond}
+    return cond, uncond
 
 
 def old_cfg(denoiser, cond, uncond, scale):

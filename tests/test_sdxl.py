@@ -1,6 +1,7 @@
 """SDXL parity with diffusers / transformers: the UNet with its added conditioning, both text encoders, the prompt
 conditioning of StableDiffusionXLPipeline, and both on-disk layouts (diffusers folder, original single file)."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -365,3 +366,51 @@ def test_vae_configs_build_diffusers_shapes(fp16_fix):
             == {k: v.shape for k, v in reference.state_dict().items()})
     assert reference.config.scaling_factor == ours.config.scaling_factor == 0.13025
     assert reference.config.force_upcast != fp16_fix
+
+
+# ---- The whole pipeline: `nanodiff generate --model DIR` on an SDXL folder = StableDiffusionXLPipeline ----
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """A tiny SDXL pipeline saved by diffusers (save_pretrained), and the pipeline object that saved it."""
+    folder = str(clip_tokenizer_dir())
+    pipe = diffusers.StableDiffusionXLPipeline(
+        **full_parts(), tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
+        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1))
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    pipe.save_pretrained(path)
+    return path, pipe
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "EulerDiscreteScheduler"),
+                                                ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+def test_sdxl_txt2img_matches_diffusers(sdxl_folder, sampler, scheduler):
+    """Default negative prompt (diffusers: None -> zeros), CFG 5, 64 x 64, 3 steps: the same image to 2/255."""
+    from nanodiffusion.pipeline import Pipeline
+
+    path, reference = sdxl_folder
+    reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
+    expected = reference(PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                         generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    pipe = Pipeline.load(path, precision="float32")
+    assert pipe.is_sdxl and pipe.default_size == pipe.unet.config.sample_size * pipe.vae_scale
+    image = pipe(PROMPTS[0], steps=3, cfg=5.0, width=64, height=64, seed=7, sampler=sampler)[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert float(torch.from_numpy(expected).float().std()) > 0.01   # not a flat image
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+def test_sdxl_refiner_alone_is_one_clear_line(tmp_path):
+    from nanodiffusion.pipeline import Pipeline
+
+    models = full_parts(refiner=True)
+    folder = str(clip_tokenizer_dir())
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **models, text_encoder=None, tokenizer=None,
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
+        scheduler=diffusers.EulerDiscreteScheduler(), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False)
+    refiner.save_pretrained(tmp_path / "refiner")
+    with pytest.raises(NanoDiffusionError, match="SDXL refiner"):
+        Pipeline.load(tmp_path / "refiner")

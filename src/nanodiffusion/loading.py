@@ -80,16 +80,27 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
                                  ".safetensors / .ckpt file")
     ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=True)
     compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts["unet"].values()))
-    unet, vae, text_encoder, layout = build_models(ckpt, dtype)
+    version = ckpt.info.get("version")
+    xl = {}
+    if version == "xl-refiner":
+        raise NanoDiffusionError(f"{source.name} is an SDXL refiner: it refines a base model's images and is not "
+                                 "loaded alone yet; load the SDXL base model")
+    if version == "xl":
+        models = sdxl_models(ckpt, dtype)
+        unet, vae, text_encoder, layout = models.unet, models.vae, models.text_encoder, None
+        xl = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": models.tokenizer_2,
+              "force_zeros_for_empty_prompt": bool(ckpt.info.get("force_zeros_for_empty_prompt", True))}
+    else:
+        unet, vae, text_encoder, layout = build_models(ckpt, dtype)
     set_precision(unet, vae, text_encoder, compute)
     settle_prediction(ckpt, unet)
     schedule = from_config(NoiseSchedule.from_config, ckpt.scheduler, "scheduler")
-    version = ckpt.info.get("version")
     if ckpt.info.get("inferred") and version == "v2" and prediction is None:
         warnings.warn(f"{source.name}: prediction type {ckpt.info['prediction']} ({ckpt.info['prediction_from']})"
                       "; --prediction overrides it", stacklevel=3)
     pad = "!" if version == "v2" and tokenizer is None and ckpt.tokenizer_dir is None else None
-    tok = load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad)
+    tok = (models.tokenizer if xl and tokenizer is None
+           else load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad))
     tok.model_max_length = min(tok.model_max_length, text_encoder.config.max_position_embeddings)
     settings = nanodiffusion_settings(source) if source.is_dir() else {}
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -102,7 +113,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
             model_hash=model_hash(source),
             default_size=settings.get("default_size", ckpt.configs["unet"].get("sample_size", 64) * vae_scale),
             default_cfg=settings.get("default_cfg", 7.0),
-            clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."),
+            clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."), **xl,
         )
 
 
@@ -130,12 +141,15 @@ def load_sdxl(path: str | Path, *, weights_dtype: str | torch.dtype | None = Non
     source = Path(path)
     if not source.exists():
         raise NanoDiffusionError(f"model {source} does not exist: pass an SDXL diffusers folder or single file")
-    ckpt = load_checkpoint(source, keep_dtype=True)
+    return sdxl_models(load_checkpoint(source, keep_dtype=True), parse_weights_dtype(weights_dtype))
+
+
+def sdxl_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> SDXLModels:
+    """The networks and tokenizers of a loaded SDXL checkpoint (see load_sdxl)."""
     version = ckpt.info.get("version")
     if "text_encoder_2" not in ckpt.parts or "vae" not in ckpt.parts:
-        raise NanoDiffusionError(f"{source.name}: not a complete SDXL checkpoint (version {version}; it needs "
-                                 "text_encoder_2 (OpenCLIP bigG) and a VAE)")
-    dtype = parse_weights_dtype(weights_dtype)
+        raise NanoDiffusionError(f"{ckpt.info.get('path', 'the model')}: not a complete SDXL checkpoint (version "
+                                 f"{version}; it needs text_encoder_2 (OpenCLIP bigG) and a VAE)")
     refiner = "text_encoder" not in ckpt.parts
     text_encoder = None if refiner else build_network(ckpt, "text_encoder", CLIPTextConfig, CLIPTextModel, dtype)
     tokenizer = None if refiner else load_tokenizer(ckpt.tokenizer_dir, pad_with=None if ckpt.tokenizer_dir else EOS)

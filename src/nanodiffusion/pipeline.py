@@ -30,6 +30,7 @@ from .guidance import cfg_denoiser
 from .images import mask_to_tensor, to_pil, to_tensor
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
 from .models.controlnet import controlnet_unet
+from . import sdxl
 from .models.layout import layout_noise
 from .noise import seeded_noise
 from .prompt_schedule import batch_conditioning
@@ -69,6 +70,9 @@ class Pipeline:
     loras: list[tuple[Path, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None
     layout: torch.nn.Module | None = None    # the built-in model's layout stage (models/layout.py), None for SD
+    text_encoder_2: torch.nn.Module | None = None   # SDXL's OpenCLIP bigG with projection (sdxl.py), else None
+    tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = True       # SDXL: an empty negative prompt is zeros, not encoded
     lora_dir: Path | None = None
     fast: FastOptions = field(default_factory=FastOptions)   # approximate fast paths (fast/), all off by default
     previewer: LatentPreview | None = field(default=None, repr=False)
@@ -100,11 +104,30 @@ class Pipeline:
         """Sizes must be positive multiples of 8 (and of the VAE factor) and not absurdly large."""
         check_size(width, height, max(8, self.vae_scale))
 
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL (Podell et al. 2023): two text encoders and the UNet's added conditioning (sdxl.py)."""
+        return self.text_encoder_2 is not None
+
+    def encode_conditioning(self, texts: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+        """Each text's network inputs besides x and t, one row per text, all encoded together (one chunk count):
+        SD: {"context"}; SDXL: both encoders' penultimate states and bigG's pooled "text_embeds", zeros for an
+        empty text when the model says force_zeros_for_empty_prompt (diffusers' default negative prompt)."""
+        if not self.is_sdxl:
+            return {"context": encode_prompts(self.text_encoder, self.tokenizer, texts, clip_skip=clip_skip)}
+        context, pooled = sdxl.encode_text(self.text_encoder, self.text_encoder_2, self.tokenizer(texts),
+                                           self.tokenizer_2(texts), state=-(clip_skip + 1))
+        if self.force_zeros_for_empty_prompt:
+            keep = torch.tensor([text != "" for text in texts], dtype=context.dtype)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return {"context": context, "text_embeds": pooled}
+
     def encode_text(self, prompts: list[str], negatives: list[str],
-                    clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts and negative prompts together so both get the same number of chunks."""
-        context = encode_prompts(self.text_encoder, self.tokenizer, prompts + negatives, clip_skip=clip_skip)
-        return context[: len(prompts)], context[len(prompts):]
+                    clip_skip: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Encode prompts and negative prompts together (the same number of chunks): (cond rows, uncond rows)."""
+        both = self.encode_conditioning(prompts + negatives, clip_skip)
+        return ({key: value[: len(prompts)] for key, value in both.items()},
+                {key: value[len(prompts):] for key, value in both.items()})
 
     @contextmanager
     def lora_applied(self, loras: list[tuple[Path, float]]):
@@ -211,7 +234,7 @@ class Pipeline:
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         net = self.unet_function(r.control_image, r.control_scale, width, height, r.controlnet)
         cond, uncond = batch_conditioning(
-            lambda prompts: encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=r.clip_skip),
+            lambda prompts: self.encode_conditioning(prompts, r.clip_skip),
             lambda c, u, rows: self.guidance_inputs(c, u, generators, *shape[-2:], rows), texts, r.negative_prompt,
             steps)
         mask = r.mask if known is None else None
@@ -325,18 +348,24 @@ class Pipeline:
         else:
             unet = self.unet
 
-            def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-                return unet(x, t, context)
+            def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
+                return unet(x, t, context, **added)
 
         return net if self.layout is None else with_layout_channels(net)
 
-    def guidance_inputs(self, cond: torch.Tensor, uncond: torch.Tensor, generators: list[torch.Generator],
-                        height: int, width: int,
+    def guidance_inputs(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
+                        generators: list[torch.Generator], height: int, width: int,
                         rows: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The conditional and unconditional inputs of classifier-free guidance for text contexts cond / uncond:
-        with a layout stage, also its slot map on the height x width latent grid (one box draw per generator)
-        and a blank map for the unconditional branch. `rows`: the generator of each cond row (default: its own)."""
-        cond, uncond = {"context": cond}, {"context": uncond}
+        """The conditional and unconditional inputs of classifier-free guidance for encoded texts cond / uncond
+        (encode_conditioning): with a layout stage, also its slot map on the height x width latent grid (one box
+        draw per generator) and a blank map for the unconditional branch; for SDXL, the size "time ids" (§2.2).
+        `rows`: the generator of each cond row (default: its own)."""
+        cond, uncond = dict(cond), dict(uncond)
+        if self.is_sdxl:
+            micro = sdxl.MicroConditioning((height * self.vae_scale, width * self.vae_scale),
+                                           (height * self.vae_scale, width * self.vae_scale))
+            cond["time_ids"] = micro.time_ids(len(cond["context"]))
+            uncond["time_ids"] = micro.time_ids(len(uncond["context"]))
         if self.layout is not None:
             noise = layout_noise(generators, self.layout.config.slots)
             cond["layout"] = self.layout(cond["context"], noise if rows is None else noise[rows], height, width)
@@ -347,10 +376,10 @@ class Pipeline:
         """A 9-channel inpainting UNet sees [latents, mask, masked-image latents] (Rombach et al. 2022)."""
         unet = self.unet
 
-        def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
             repeat = x.shape[0] // mask.shape[0]
             extra = torch.cat([mask, masked], dim=1).repeat(repeat, 1, 1, 1)
-            return unet(torch.cat([x, extra], dim=1), t, context)
+            return unet(torch.cat([x, extra], dim=1), t, context, **added)
 
         return net
 

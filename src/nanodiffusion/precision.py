@@ -57,6 +57,9 @@ def cast_floats(value: object, dtype: torch.dtype) -> object:
     return value
 
 
+FLOAT32_INPUTS = ("timestep", "time_ids")   # embedded by sinusoids: sizes like 1024 need float32's precision
+
+
 @torch.no_grad()
 def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
                keep_args: tuple[int, ...] = ()) -> nn.Module:
@@ -70,7 +73,7 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
 
     def cast_inputs(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args = tuple(a if i in keep_args else cast_floats(a, dtype) for i, a in enumerate(args))
-        return args, {k: v if k == "timestep" else cast_floats(v, dtype) for k, v in kwargs.items()}
+        return args, {k: v if k in FLOAT32_INPUTS else cast_floats(v, dtype) for k, v in kwargs.items()}
 
     model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
     model.register_forward_hook(lambda _, __, out: cast_floats(out, torch.float32))
@@ -80,7 +83,7 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
 def set_precision(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, dtype: torch.dtype) -> None:
     """A loaded pipeline's networks in `dtype` (see the module docstring), every weight packed now rather than on
     the first call: the UNet but its timestep embedding, the VAE's encoder and decoder, the text transformer."""
-    compute_in(unet, dtype, keep=("time_embedding",), keep_args=(1,))
+    compute_in(unet, dtype, keep=("time_embedding", "add_embedding"), keep_args=(1,))
     compute_in(vae.decoder, dtype)
     compute_in(vae.encoder, dtype)
     compute_in(text_encoder.text_model.encoder, dtype)

@@ -271,27 +271,30 @@ class BatchConditioning:
         return batched
 
 
-Inputs = Callable[[Tensor, Tensor, list[int]], tuple[dict[str, Tensor], dict[str, Tensor]]]
+Inputs = Callable[[dict[str, Tensor], dict[str, Tensor], list[int]], tuple[dict[str, Tensor], dict[str, Tensor]]]
 
 
-def batch_conditioning(encode: Callable[[list[str]], Tensor], inputs: Inputs, prompts: list[str],
+def batch_conditioning(encode: Callable[[list[str]], dict[str, Tensor]], inputs: Inputs, prompts: list[str],
                        negatives: list[str], steps: int) -> tuple[BatchConditioning, BatchConditioning]:
     """Guidance inputs of a batch of prompts (edits, alternations, AND parts) and negative prompts (edits and
     alternations; AND is text there, as in the web UI), each schedule over `steps`.
 
-    `encode(texts)` -> [n, L, D]: every distinct text once, all in one call, so all get the same number of chunks.
-    `inputs(cond, uncond, rows)` -> (cond dict, uncond dict): the guidance inputs of context rows, cond row r
-    belonging to batch row rows[r] (a layout stage draws that row's boxes).
+    `encode(texts)` -> {name: [n, ...]} (e.g. "context" [n, L, D]): every distinct text once, all in one call, so
+    all get the same number of chunks. `inputs(cond, uncond, rows)` -> (cond dict, uncond dict): the guidance
+    inputs of encoded rows, cond row r belonging to batch row rows[r] (a layout stage draws that row's boxes).
     """
     conds = [ScheduledConditioning.parse(prompt, steps) for prompt in prompts]
     unconds = [ScheduledConditioning.parse(negative, steps, composable=False) for negative in negatives]
     texts = list(dict.fromkeys(text for schedule in conds + unconds for text in schedule.values()))
-    context = encode(texts)
+    encoded = encode(texts)
     index = {text: k for k, text in enumerate(texts)}
     cond_rows = [(b, text) for b, schedule in enumerate(conds) for text in schedule.values()]
     uncond_rows = [(b, text) for b, schedule in enumerate(unconds) for text in schedule.values()]
-    cond_in, uncond_in = inputs(context[[index[text] for _, text in cond_rows]],
-                                context[[index[text] for _, text in uncond_rows]], [b for b, _ in cond_rows])
+
+    def rows_of(rows: list[tuple[int, str]]) -> dict[str, Tensor]:
+        return {name: value[[index[text] for _, text in rows]] for name, value in encoded.items()}
+
+    cond_in, uncond_in = inputs(rows_of(cond_rows), rows_of(uncond_rows), [b for b, _ in cond_rows])
     return by_row(conds, cond_rows, cond_in), by_row(unconds, uncond_rows, uncond_in)
 
 

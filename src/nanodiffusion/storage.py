@@ -60,7 +60,7 @@ def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (
     No-op without oneDNN."""
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
         return model
-    kept = {id(m) for name in keep for m in model.get_submodule(name).modules()}
+    kept = {id(m) for name in keep if hasattr(model, name) for m in model.get_submodule(name).modules()}
     spans = file_mappings()
     for module in model.modules():
         target = torch.float32 if id(module) in kept else dtype

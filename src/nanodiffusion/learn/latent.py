@@ -64,7 +64,7 @@ def run(out: Path, lesson) -> Path:
             axes[row, c].set(xticks=[], yticks=[], title=f"channel {c}" if row == 0 else "")
     page.figure(fig, "channels", "The latent channels of the first four images (blue negative, red positive)")
     side = pipe.default_size // pipe.vae_scale
-    context = pipe.encode_text(["a red circle"], [""], 1)[0]
+    context = pipe.encode_text(["a red circle"], [""], 1)[0]["context"]
     pixel_unet = UNet2DConditionModel(replace(pipe.unet.config, in_channels=3, out_channels=3))
     latent_cost = multiply_adds(pipe.unet, (1, pipe.unet.config.in_channels, side, side), context)  # + slot map
     pixel_cost = multiply_adds(pixel_unet, (1, 3, pipe.default_size, pipe.default_size), context)
