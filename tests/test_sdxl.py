@@ -414,3 +414,21 @@ def test_sdxl_refiner_alone_is_one_clear_line(tmp_path):
     refiner.save_pretrained(tmp_path / "refiner")
     with pytest.raises(NanoDiffusionError, match="SDXL refiner"):
         Pipeline.load(tmp_path / "refiner")
+
+
+def test_sdxl_img2img_matches_diffusers(sdxl_folder):
+    """StableDiffusionXLImg2ImgPipeline on the same folder: strength 0.6, Euler, 4 steps, to 2/255."""
+    from PIL import Image
+
+    from nanodiffusion.pipeline import Pipeline
+
+    path, _ = sdxl_folder
+    init = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(path)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    expected = reference(PROMPTS[1], image=init, strength=0.6, num_inference_steps=4, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    image = Pipeline.load(path, precision="float32")(PROMPTS[1], init_image=init, strength=0.6, steps=4, cfg=5.0,
+                                                      seed=3, sampler="euler", width=64, height=64)[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
