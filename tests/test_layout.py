@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nanodiffusion.data.shapes import ShapesDataset, scene_boxes, scene_caption
-from nanodiffusion.models.layout import LayoutConfig, LayoutModel, denormalize_boxes, normalize_boxes
+from nanodiffusion.models.layout import LayoutConfig, LayoutModel, box_overlap, denormalize_boxes, normalize_boxes
 
 TINY = LayoutConfig(context_dim=8, dim=32, heads=2, slot_layers=1, box_layers=2, map_channels=3, sample_steps=16)
 
@@ -134,3 +134,23 @@ def test_fine_tuning_objective_without_boxes_trains_on_no_slot_map():
     loss.backward()
     assert unet.conv_in.weight.grad[:, 4:].abs().sum() == 0   # the slot-map channels see zeros
     assert unet.conv_in.weight.grad[:, :4].abs().sum() > 0
+
+
+def test_box_overlap_counts_present_pairs_closer_than_their_sizes_plus_margin():
+    boxes = torch.tensor([[[1.0, 0.3, 0.3, 0.1], [1.0, 0.35, 0.3, 0.1], [1.0, 0.8, 0.8, 0.1], [0.0, 0.3, 0.3, 0.1]]])
+    overlap = box_overlap(normalize_boxes(boxes), boxes[..., 0], margin=0.03)
+    torch.testing.assert_close(overlap, torch.tensor([0.1 + 0.1 + 0.03 - 0.05]))   # only the first pair; absent: none
+    apart = torch.tensor([[[1.0, 0.2, 0.2, 0.1], [1.0, 0.8, 0.2, 0.1], [0.0] * 4, [0.0] * 4]])
+    assert box_overlap(normalize_boxes(apart), apart[..., 0]).item() == 0.0   # the training scenes' layouts cost 0
+
+
+def test_separation_term_adds_to_the_flow_loss_only_when_asked():
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    context, slots = torch.randn(4, 5, TINY.context_dim), torch.randn(4, 4, TINY.dim)
+    boxes = torch.tensor([[[1.0, 0.25, 0.25, 0.15], [1.0, 0.75, 0.75, 0.15], [0.0] * 4, [0.0] * 4]] * 4)
+    torch.manual_seed(1)
+    plain = model.flow_loss(boxes, slots, context)
+    torch.manual_seed(1)
+    separated = model.flow_loss(boxes, slots, context, separation=1.0)
+    assert (separated >= plain).all()

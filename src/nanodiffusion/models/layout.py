@@ -125,14 +125,19 @@ class LayoutModel(nn.Module):
             h = block(h, context)
         return self.box_out(self.box_norm(h))
 
-    def flow_loss(self, boxes: Tensor, slots: Tensor, context: Tensor) -> Tensor:
+    def flow_loss(self, boxes: Tensor, slots: Tensor, context: Tensor, separation: float = 0.0) -> Tensor:
         """Per-image rectified-flow loss ||u(b_s, s) - (eps - b_0)||^2 at logit-normal s (Esser et al. 2024,
-        eq. 19)."""
+        eq. 19); with `separation` > 0, plus that weight times the overlap of the boxes the model predicts,
+        b^_0 = b_s - s u, at s < 1/2 (where b^_0 is close to one layout, not an average of many)."""
         b0 = normalize_boxes(boxes)
         s = torch.sigmoid(torch.randn(len(b0), 1, 1, device=b0.device))
         noise = torch.randn_like(b0)
-        u = self.velocity((1 - s) * b0 + s * noise, FLOW_TIMESTEPS * s, slots, context)
-        return (u.float() - (noise - b0)).pow(2).flatten(1).mean(1)
+        b_s = (1 - s) * b0 + s * noise
+        u = self.velocity(b_s, FLOW_TIMESTEPS * s, slots, context).float()
+        loss = (u - (noise - b0)).pow(2).flatten(1).mean(1)
+        if separation > 0:
+            loss = loss + separation * (s.flatten() < 0.5) * box_overlap(b_s - s * u, boxes[..., 0])
+        return loss
 
     @torch.no_grad()
     def sample_boxes(self, slots: Tensor, context: Tensor, noise: Tensor) -> Tensor:
@@ -161,6 +166,16 @@ class LayoutModel(nn.Module):
         """Text states -> slot map: read the slots, sample their boxes from `noise` (B, K, 4), paint them."""
         slots = self.read_slots(context)
         return self.paint(self.sample_boxes(slots, context, noise), slots, height, width)
+
+
+def box_overlap(v: Tensor, present: Tensor, margin: float = 0.03) -> Tensor:
+    """Per image, the summed overlap of every pair of present boxes (B, K, 4 unit-scale vectors; presence given):
+    relu(half side_i + half side_j + margin - Chebyshev distance of the centres), in image fractions."""
+    cx, cy, size = (v[..., 1] + 1) / 2, (v[..., 2] + 1) / 2, v[..., 3] / SIZE_SCALE + SIZE_MEAN
+    distance = torch.maximum((cx[:, :, None] - cx[:, None]).abs(), (cy[:, :, None] - cy[:, None]).abs())
+    overlap = (size[:, :, None] + size[:, None] + margin - distance).relu()
+    pairs = present[:, :, None] * present[:, None] * torch.ones_like(overlap).triu(1)
+    return (overlap * pairs).sum((1, 2))
 
 
 def layout_noise(generators: list[torch.Generator], slots: int) -> Tensor:

@@ -29,6 +29,7 @@ from .data import batch_indices
 from .loop import TrainConfig, config_dict, train
 
 LAYOUTS_PER_CAPTION = 8
+SEPARATION = 1.0   # weight of the predicted boxes' overlap in the loss (models/layout.py flow_loss)
 
 
 class BoxFlowObjective(nn.Module):
@@ -41,7 +42,7 @@ class BoxFlowObjective(nn.Module):
             module.requires_grad_(True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.layout.flow_loss(batch["boxes"], batch["slots"], batch["context"]).mean(), {}
+        return self.layout.flow_loss(batch["boxes"], batch["slots"], batch["context"], SEPARATION).mean(), {}
 
 
 @torch.no_grad()
