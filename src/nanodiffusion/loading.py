@@ -23,6 +23,8 @@ from .storage import store_weights
 from .storage import weights_dtype as parse_weights_dtype
 
 BUILTIN = Path(__file__).parent / "weights" / "builtin"
+FEW_STEP_DEFAULTS = {"default_steps": 4, "default_sampler": "lcm"}   # a folder whose scheduler is LCMScheduler
+NAMED_MODELS = {"builtin": BUILTIN, "builtin-lcm": BUILTIN.with_name("builtin_lcm")}   # --model NAME: shipped models
 # Networks with more parameters are built on the meta device; smaller ones initialise faster than the meta
 # device's one-off set-up (~1.7 s of imports), which would dominate the built-in model's start-up.
 META_BUILD_MIN = 50_000_000
@@ -71,7 +73,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     linear weights are stored in `weights_dtype` (None: float32; see storage.py), or converted once to the
     compute `precision` when that is bfloat16 (precision.py)."""
     dtype = parse_weights_dtype(weights_dtype)
-    source = BUILTIN if path is None else Path(path)
+    source = BUILTIN if path is None else NAMED_MODELS.get(str(path), Path(path))
     if path is None and not (BUILTIN / "model_index.json").is_file():
         raise NanoDiffusionError(f"the built-in model is missing from {BUILTIN}: reinstall nanodiffusion "
                                  "or pass --model PATH")
@@ -113,6 +115,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
             model_hash=model_hash(source),
             default_size=settings.get("default_size", ckpt.configs["unet"].get("sample_size", 64) * vae_scale),
             default_cfg=settings.get("default_cfg", 7.0),
+            **(FEW_STEP_DEFAULTS if ckpt.scheduler.get("_class_name") == "LCMScheduler" else {}),
             clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."), **xl,
         )
 

@@ -105,7 +105,8 @@ LAYOUT_RECIPE = {"steps": 2000, "batch_size": 512, "lr": 1e-3, "warmup": 100, "m
 
 def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                           tokenizer: object, scheduler: dict, dtype: torch.dtype = torch.float32,
-                          name: str = "model", layout: nn.Module | None = None) -> Path:
+                          name: str = "model", layout: nn.Module | None = None,
+                          default_cfg: float = BUILTIN_CFG) -> Path:
     """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and
     layout/ for a model with a layout stage."""
     folder = Path(folder)
@@ -122,7 +123,7 @@ def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_en
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_nanodiffusion": {"name": name, "default_size": vae.config.sample_size,
-                           "default_cfg": BUILTIN_CFG},
+                           "default_cfg": default_cfg},
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -163,13 +164,15 @@ def load_pipeline_parts(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, 
     return unet, vae, text_encoder, WordTokenizer.load(folder / "tokenizer"), layout
 
 
-def ship(source: Path, destination: Path = BUILTIN_DIR) -> Path:
-    """Copy a trained pipeline folder into the package as fp16 safetensors (the built-in model)."""
+def ship(source: Path, destination: Path = BUILTIN_DIR, name: str = "builtin") -> Path:
+    """Copy a trained pipeline folder into the package as fp16 safetensors (the built-in model; its few-step
+    student: name "builtin-lcm", into weights/builtin_lcm), keeping the folder's own default guidance."""
     unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(source)
     scheduler = json.loads((Path(source) / "scheduler" / "scheduler_config.json").read_text())
+    settings = json.loads((Path(source) / "model_index.json").read_text()).get("_nanodiffusion", {})
     shutil.rmtree(Path(destination) / "layout", ignore_errors=True)
     return write_pipeline_folder(destination, unet, vae, text_encoder, tokenizer, scheduler, torch.float16,
-                                 name="builtin", layout=layout)
+                                 name=name, layout=layout, default_cfg=settings.get("default_cfg", BUILTIN_CFG))
 
 
 def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],
@@ -209,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     copy = sub.add_parser("ship", help="copy a trained pipeline folder into the package as fp16")
     copy.add_argument("source", help="pipeline folder written by `nanodiff train diffusion` (RUN/model)")
     copy.add_argument("destination", nargs="?", default=str(BUILTIN_DIR))
+    copy.add_argument("--name", default="builtin", help="the model's name (the few-step student: builtin-lcm)")
     args = parser.parse_args(argv)
     if args.action == "ship":
-        print(ship(Path(args.source), Path(args.destination)))
+        print(ship(Path(args.source), Path(args.destination), args.name))
     else:
         print(train_builtin(Path(args.output), vae_steps=args.vae_steps, diffusion_steps=args.diffusion_steps,
                             layout_steps=args.layout_steps, dataset_size=args.dataset_size, threads=args.threads,
