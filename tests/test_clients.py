@@ -13,6 +13,7 @@ import json
 import re
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 from serving import running
@@ -196,8 +197,10 @@ def test_webuiapi_sequence(client):
     assert img2img().status_code == 200
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    refused = img2img(mask=data_url(mask))           # "only masked" is the web UI's default, not done here
-    assert refused.status_code == 422 and "inpaint_full_res" in refused.json()["detail"]
+    only_masked = img2img(mask=data_url(mask))      # "only masked" (inpaint_full_res) is webuiapi's default
+    assert only_masked.status_code == 200, only_masked.text
+    inpainted = np.asarray(decode(only_masked.json()["images"][0])).astype(int)
+    assert np.abs(inpainted[:8, :8] - np.asarray(image.convert("RGB"))[:8, :8]).max() <= 2   # kept outside
     assert img2img(mask=data_url(mask), inpaint_full_res=False).status_code == 200
 
     extras = {"resize_mode": 0, "show_extras_results": True, "gfpgan_visibility": 0, "codeformer_visibility": 0,

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny import tiny_pipeline
 
 from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.inpaint_region import masked_box
 from nanodiffusion.noise import centre_paste, seeded_noise, slerp
 from nanodiffusion.pipeline import Pipeline
 from nanodiffusion.prompts import parse_parameters
@@ -122,3 +124,26 @@ def test_tiling_pads_circularly_for_the_call_only(pipe):
     assert not np.array_equal(pixels(plain), pixels(tiled))
     assert all(m.padding_mode == "zeros" for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert np.array_equal(pixels(plain), pixels(pipe("a red circle", steps=2, seed=3)))
+
+
+def test_masked_box_pads_and_takes_the_output_aspect():
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 30, 28, 34))                    # 8 x 4 pixels
+    assert masked_box(mask, 4, 32, 32) == (16, 24, 32, 40)   # padded to 16 x 12, widened to a square
+    assert masked_box(mask, 100, 32, 32) == (0, 0, 64, 64)
+    assert masked_box(Image.new("L", (64, 64), 0), 4, 32, 32) == (0, 0, 64, 64)
+
+
+def test_inpainting_the_masked_area_only_keeps_the_rest_and_generates_at_full_size(pipe):
+    init = Image.linear_gradient("L").resize((SIZE, SIZE)).convert("RGB")
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    sizes = []
+    out = pipe("a red circle", steps=2, seed=1, init_image=init, mask=mask, mask_only=True, mask_padding=2,
+               callback=lambda i, total, x0: sizes.append(tuple(x0.shape[-2:])))[0]
+    assert out.size == (SIZE, SIZE) and sizes[0] == (SIZE // pipe.vae_scale,) * 2   # the box ran at full size
+    outside = np.asarray(out)[16:, 16:].astype(int) - np.asarray(init)[16:, 16:].astype(int)
+    assert np.abs(outside).max() == 0                                                # untouched outside the mask
+    assert np.abs(np.asarray(out)[4:12, 4:12].astype(int) - np.asarray(init)[4:12, 4:12]).max() > 0
+    with pytest.raises(NanoDiffusionError, match="needs a mask"):
+        pipe("a red circle", steps=1, init_image=init, mask_only=True)

@@ -70,7 +70,8 @@ def generation_request(args: argparse.Namespace, pipe: object) -> object:
         args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
         cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch, n_iter=args.n_iter,
         init_image=load_image(args.init) if args.init else None, strength=args.strength,
-        mask=load_image(args.mask) if args.mask else None, clip_skip=args.clip_skip, eta=args.eta,
+        mask=load_image(args.mask) if args.mask else None, mask_only=args.mask_only, mask_padding=args.mask_padding,
+        clip_skip=args.clip_skip, eta=args.eta,
         control_image=load_image(args.control_image) if args.control_image else None,
         control_scale=args.control_scale, subseed=args.subseed, subseed_strength=args.subseed_strength,
         hires=hires, tiling=args.tiling,
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init", default=None, help="init image for img2img")
     gen.add_argument("--strength", type=finite_float, default=0.75)
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    gen.add_argument("--mask-only", action="store_true",
+                     help="inpaint the masked area only, at the full size (the web UI's \"Only masked\")")
+    gen.add_argument("--mask-padding", type=int, default=32, help="pixels of context around the mask (--mask-only)")
     gen.add_argument("--clip-skip", type=int, default=1)
     gen.add_argument("--eta", type=finite_float, default=None,
                      help="noise of stochastic samplers: 0 deterministic, 1 ancestral / SDE (their default)")

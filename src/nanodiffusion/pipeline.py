@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from .fast import FastOptions, fast_paths
 from .fast.preview import LatentPreview
 from .guidance import cfg_denoiser
 from .images import mask_to_tensor, to_pil, to_tensor
+from .inpaint_region import masked_box, paste_masked
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
 from .models.controlnet import controlnet_unet
 from . import sdxl
@@ -182,6 +183,8 @@ class Pipeline:
         """Check the request, apply its LoRAs (the pipeline's, the request's and the prompts' <lora:...> tags),
         fast paths and tiling, and generate its n_iter iterations."""
         r = request.resolved(self)
+        if r.mask_only:
+            return self.inpaint_masked_area(r)
         texts, tagged = self.strip_lora_tags(r.prompt)
         for text in dict.fromkeys(texts):
             for message in prompt_warnings(self.tokenizer, text):
@@ -194,6 +197,15 @@ class Pipeline:
             for iteration in range(r.n_iter):
                 images += self.generate(r, texts, [r.seed + iteration * r.batch + i for i in range(r.batch)])
         return images
+
+    def inpaint_masked_area(self, r: GenerationRequest) -> GenerationResult:
+        """Inpaint only the box around the mask at the full width x height, then paste it back into the init
+        image (scaled to width x height) through the mask (inpaint_region.py)."""
+        base = r.init_image.convert("RGB").resize((r.width, r.height), Image.LANCZOS)
+        mask = r.mask.convert("L").resize((r.width, r.height))
+        box = masked_box(mask, r.mask_padding, r.width, r.height)
+        crop = replace(r, init_image=base.crop(box), mask=mask.crop(box), mask_only=False)
+        return GenerationResult(paste_masked(base, image, mask, box) for image in self.run(crop))
 
     def strip_lora_tags(self, prompts: list[str]) -> tuple[list[str], list[tuple[Path, float]]]:
         """The prompts without their <lora:NAME:W> tags, and the tags' LoRAs (the same in every prompt of a batch:

@@ -76,6 +76,8 @@ class GenerationRequest:
     init_image: Image.Image | None = None
     strength: float = 0.75
     mask: Image.Image | None = None
+    mask_only: bool = False             # inpaint the masked area only, at full resolution (inpaint_region.py)
+    mask_padding: int = 32              # pixels around the mask that mask_only keeps as context
     eta: float | None = None
     clip_skip: int | None = None
     control_image: Image.Image | None = None
@@ -162,6 +164,10 @@ class GenerationRequest:
             raise NanoDiffusionError("DeepCache with a ControlNet is not supported: turn --deepcache off")
         if self.mask is not None and self.init_image is None:
             raise NanoDiffusionError("a mask needs an init image to inpaint: pass --init IMAGE too")
+        if self.mask_only and self.mask is None:
+            raise NanoDiffusionError("inpainting the masked area only needs a mask: pass --mask IMAGE too")
+        if isinstance(self.mask_padding, bool) or not isinstance(self.mask_padding, int) or self.mask_padding < 0:
+            raise NanoDiffusionError(f"mask padding {self.mask_padding!r} is not allowed: use 0 or more pixels")
         if self.init_image is not None and not 0.0 < self.strength <= 1.0:
             raise NanoDiffusionError(f"strength {self.strength} is not allowed: use a value in (0, 1]")
         check_seed("seed", self.seed)

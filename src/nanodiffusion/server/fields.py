@@ -3,9 +3,9 @@ the field, never silently dropped. Values that mean "off" pass (clients send the
 
 One row per field: (what the field asks for, a check that its value is "off" given the whole body). Supporting a
 feature = deleting its row and passing the field to the pipeline. Fields that only matter together with another
-one (inpaint_full_res_padding with inpaint_full_res, script_args with script_name, refiner_switch_at with
-refiner_checkpoint) have no row: the web UI ignores them too while that one is off. Hires fix, variation seeds,
-seed resize and tiling are honoured (jobs.generation_extras).
+one (script_args with script_name, refiner_switch_at with refiner_checkpoint) have no row: the web UI ignores them
+too while that one is off. Hires fix, variation seeds, seed resize, tiling and inpainting the masked area only
+("inpaint_full_res") are honoured (jobs.generation_extras).
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ from ..errors import NanoDiffusionError
 def off(*values: Any) -> Callable[[Any, dict], bool]:
     """A check: the value is None or one of `values`."""
     return lambda value, body: value is None or value in values
-
-
-def without_mask(value: Any, body: dict) -> bool:
-    """inpaint_full_res ("only masked") only matters when there is a mask."""
-    return not value or not body.get("mask")
 
 
 def same_as_first_pass(*values: Any) -> Callable[[Any, dict], bool]:
@@ -48,7 +43,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any, dict], bool]]] = {
     "s_min_uncond": ("s_min_uncond", off(0)),
     "initial_noise_multiplier": ("an initial noise multiplier", off(1)),
     "latent_mask": ("a latent mask", off("")),
-    "inpaint_full_res": ("inpainting the masked area only", without_mask),
     "infotext": ("infotext pasting", off("")),
 }
 

@@ -68,8 +68,8 @@ def hires_fix(request: Txt2ImgRequest, width: int, height: int, limits: Limits) 
 
 
 def generation_extras(request: Txt2ImgRequest, width: int, height: int, limits: Limits) -> dict[str, Any]:
-    """The keywords of features a request turns on (variation seeds, seed resize, tiling, hires fix); none when
-    off, so pipelines without them keep working."""
+    """The keywords of features a request turns on (variation seeds, seed resize, tiling, hires fix, inpainting
+    the masked area only); none when off, so pipelines without them keep working."""
     extras: dict[str, Any] = {}
     if request.subseed_strength > 0:
         subseed = random.randrange(RANDOM_SEEDS) if request.subseed == -1 else request.subseed
@@ -80,6 +80,8 @@ def generation_extras(request: Txt2ImgRequest, width: int, height: int, limits: 
         extras["tiling"] = True
     if request.enable_hr and not isinstance(request, Img2ImgRequest):   # the web UI's img2img has no hires fix
         extras["hires"] = hires_fix(request, width, height, limits)
+    if isinstance(request, Img2ImgRequest) and request.mask and request.inpaint_full_res:
+        extras.update(mask_only=True, mask_padding=request.inpaint_full_res_padding)
     return extras
 
 

@@ -116,6 +116,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(0, ge=0, le=3)
     inpaint_full_res: bool | int = False
+    inpaint_full_res_padding: int = Field(32, ge=0, le=512)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 
