@@ -154,3 +154,27 @@ def test_separation_term_adds_to_the_flow_loss_only_when_asked():
     torch.manual_seed(1)
     separated = model.flow_loss(boxes, slots, context, separation=1.0)
     assert (separated >= plain).all()
+
+
+def test_controlnet_style_fine_tuning_draws_the_map_from_the_caption():
+    """sampled_map: the map generation would paint (boxes sampled from the text), which a layout ControlNet must
+    learn to overrule; the slot-map channels take part."""
+    from tests.tiny import tiny_pipeline
+
+    from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+    from nanodiffusion.train.diffusion import DiffusionObjective
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(2)
+    context_dim = pipe.text_encoder.config.hidden_size
+    layout = LayoutModel(LayoutConfig.from_dict({**TINY.__dict__, "context_dim": context_dim})).eval()
+    with torch.no_grad():
+        layout.box_out.bias[0] = -5.0   # velocity eps - b0 with presence b0 ~ +5: every slot is present
+    unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=16, in_channels=4 + TINY.map_channels,
+                                                cross_attention_dim=context_dim))
+    objective = DiffusionObjective(unet, pipe.text_encoder, pipe.schedule.alphas_cumprod, pipe.tokenizer([""])[0],
+                                   uncond_prob=0.0, layout=layout, sampled_map=True)
+    batch = {"mean": torch.randn(2, 4, 16, 16), "std": torch.full((2, 4, 16, 16), 0.1),
+             "input_ids": pipe.tokenizer(["a red circle", "a blue square"]), "scaling_factor": torch.ones(2)}
+    objective(batch)[0].backward()
+    assert unet.conv_in.weight.grad[:, 4:].abs().sum() > 0

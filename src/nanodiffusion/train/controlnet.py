@@ -31,7 +31,7 @@ from .args import add_common_arguments, config_from_args
 from .cache import fingerprint, load_cache, save_cache
 from .data import batch_indices
 from .diffusion import DiffusionObjective, cache_latents
-from .finetune import Base, latent_batch, load_base, slot_boxes
+from .finetune import Base, latent_batch, load_base
 from .loop import TrainConfig, config_dict, train
 
 HINT_CHANNELS = (16, 32, 96, 256)  # conditioning embedding widths (SD's); one stride-2 conv between each pair
@@ -116,8 +116,6 @@ def train_controlnet(config: TrainConfig, base: Base = None, dataset_size: int =
     output.mkdir(parents=True, exist_ok=True)
     dataset = LayoutDataset(dataset_size, config.seed, split="train", size=pipe.default_size)
     cache = cache_latents(pipe.vae, dataset, output / "latents.pt")
-    if pipe.layout is not None:   # the scenes' true boxes paint the base model's slot map (train/finetune.py)
-        cache.update(slot_boxes(dataset, pipe.layout.config.slots))
     layouts = cache_layouts(dataset, output / "layouts.pt")
     ids = pipe.tokenizer(cache["captions"])
     scaling = float(pipe.vae.config.scaling_factor)
@@ -126,7 +124,7 @@ def train_controlnet(config: TrainConfig, base: Base = None, dataset_size: int =
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=hint_channels(pipe.vae_scale))
     diffusion = DiffusionObjective(ControlledUNet(pipe.unet, controlnet), pipe.text_encoder,
                                    pipe.schedule.alphas_cumprod, pipe.tokenizer([""])[0], pipe.prediction,
-                                   snr_gamma, uncond_prob, pipe.layout)
+                                   snr_gamma, uncond_prob, pipe.layout, sampled_map=True)
     objective = ControlNetObjective(diffusion)
     cases = preview_cases()
 

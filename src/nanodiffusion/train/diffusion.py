@@ -56,11 +56,12 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, alphas_cumprod: torch.Tensor,
                  empty_ids: torch.Tensor, prediction: str = "epsilon", snr_gamma: float = 5.0,
-                 uncond_prob: float = 0.1, layout: nn.Module | None = None):
+                 uncond_prob: float = 0.1, layout: nn.Module | None = None, sampled_map: bool = False):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.layout = layout
+        self.sampled_map = sampled_map   # fine-tuning without boxes: the map generation would paint, not zeros
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("empty_ids", empty_ids.long(), persistent=False)
         self.prediction = prediction
@@ -71,7 +72,12 @@ class DiffusionObjective(nn.Module):
     def frozen_slot_map(self, context: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor,
                         height: int, width: int) -> torch.Tensor:
         """Fine-tuning's map: the frozen layout stage's slots painted at each image's true boxes (batch "boxes" where
-        "has_boxes"); zeros for images without (sampled boxes would contradict the image: docs/finetune.md)."""
+        "has_boxes"); zeros for images without (sampled boxes would contradict the image: docs/finetune.md), or with
+        `sampled_map` the map generation paints from boxes sampled from the caption (a layout ControlNet must learn
+        to move objects away from that map to its control image)."""
+        if self.sampled_map:
+            noise = torch.randn(len(context), self.layout.config.slots, 4, device=context.device)
+            return self.layout(context, noise, height, width) * keep.view(-1, 1, 1, 1)
         known = keep & batch["has_boxes"] if "has_boxes" in batch else torch.zeros_like(keep)
         if not known.any():
             return context.new_zeros(len(context), self.layout.config.map_channels, height, width)
