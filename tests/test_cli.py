@@ -144,3 +144,19 @@ def test_nanodiff_generate_end_to_end(tmp_path):
     bad = subprocess.run([*command, "--cfg", "nan"], capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "error: argument --cfg" in bad.stderr
     assert Path(tmp_path / "out.png").stat().st_size > 0
+
+
+def test_generate_with_styles_and_an_xyz_plot(tmp_path):
+    """--style NAME from --styles-file (the web UI's styles.csv) and --xyz axes: one labelled grid PNG."""
+    from PIL import Image
+
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nbold,"{prompt}, bright colours",blurry\n')
+    out = tmp_path / "plot.png"
+    assert cli.main(["generate", "a red circle", "--xyz", "cfg=1,3", "--xyz", "steps=1-2", "--style", "bold",
+                     "--styles-file", str(styles), "--seed", "1", "-o", str(out)]) in (0, None)
+    with Image.open(out) as grid:
+        text = grid.info["parameters"]
+        assert grid.width > 2 * 64 and grid.height > 2 * 64
+    assert text.startswith("a red circle, bright colours\nNegative prompt: blurry")
+    assert 'X Type: CFG scale, X Values: "1, 3", Y Type: Steps, Y Values: "1, 2"' in text

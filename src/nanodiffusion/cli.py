@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +32,13 @@ def _generate(args: argparse.Namespace) -> None:
     loras = [parse_lora_arg(text) for text in args.lora]
     for file, weight in loras:
         check_lora_weight(weight, file)
-    paths = output_paths(args.output, 1 if args.grid else args.batch * args.n_iter)
+    paths = output_paths(args.output, 1 if args.grid or args.xyz else args.batch * args.n_iter)
+    args.axes = [xyz_axis(text) for text in args.xyz]
+    if args.styles:
+        from .styles import apply_styles, load_styles
+
+        args.prompt, args.negative = apply_styles(args.prompt, args.negative, args.styles,
+                                                  load_styles(args.styles_file))
     args.sampler, args.schedule = sampler_choice(args.sampler, args.schedule)
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
                          weights_dtype=args.weights_dtype, precision=args.precision)
@@ -47,7 +54,14 @@ def _generate(args: argparse.Namespace) -> None:
 
         run_batch(pipe, args)
         return
-    images = pipe(generation_request(args, pipe))
+    if args.axes:
+        from .xyz import xyz_plot
+
+        request = generation_request(args, pipe)
+        base = {f.name: getattr(request, f.name) for f in fields(request) if getattr(request, f.name) is not None}
+        images = [xyz_plot(pipe, base, args.axes)]
+    else:
+        images = pipe(generation_request(args, pipe))
     if args.grid and len(images) > 1:
         grid = image_grid(images)
         grid.info["parameters"] = images[0].info["parameters"]
@@ -76,6 +90,16 @@ def generation_request(args: argparse.Namespace, pipe: object) -> object:
         control_scale=args.control_scale, subseed=args.subseed, subseed_strength=args.subseed_strength,
         hires=hires, tiling=args.tiling,
         callback=preview_writer(pipe, Path(args.preview)) if args.preview else None, progress=True)
+
+
+def xyz_axis(text: str) -> tuple[str, list]:
+    """--xyz NAME=VALUES (the web UI's value syntax: 1-5, 1-5 (+2), 1-10 [5], a, b, c) -> an X/Y/Z plot axis."""
+    from .xyz import parse_axis
+
+    name, sep, values = text.partition("=")
+    if not sep:
+        raise NanoDiffusionError(f"--xyz {text!r} is not NAME=VALUES: write e.g. --xyz cfg=1,3,7 --xyz steps=4-20 [3]")
+    return name.strip(), parse_axis(name.strip(), values)
 
 
 def sampler_choice(sampler: str | None, schedule: str) -> tuple[str | None, str]:
@@ -279,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     hires.add_argument("--hires-strength", type=finite_float, default=0.7, help="second-pass denoising strength")
     hires.add_argument("--hires-upscaler", default="latent", choices=["latent", "latent-nearest", "lanczos"])
     gen.add_argument("--grid", action="store_true", help="write the batch as one grid image")
+    gen.add_argument("--xyz", action="append", default=[], metavar="NAME=VALUES",
+                     help="X/Y/Z plot axis (repeat for Y and Z), e.g. cfg=1,3,7 or steps=4-20 [3]: one labelled grid")
+    gen.add_argument("--style", dest="styles", action="append", default=[], metavar="NAME",
+                     help="apply a prompt style from --styles-file (repeatable)")
+    gen.add_argument("--styles-file", default=None, metavar="CSV", help="the web UI's styles.csv")
     gen.add_argument("--init", default=None, help="init image for img2img")
     gen.add_argument("--strength", type=finite_float, default=0.75)
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")

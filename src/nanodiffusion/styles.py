@@ -55,7 +55,7 @@ def apply_styles(prompt: str, negative_prompt: str, names: list[str],
         if name in (NO_STYLE, ""):
             continue
         if name not in styles:
-            raise choice_error("style", name, list(styles) or ["(none: start the server with --styles-file)"])
+            raise choice_error("style", name, list(styles) or ["(none loaded: pass --styles-file CSV)"])
         prompt = merge_prompt(styles[name].prompt, prompt)
         negative_prompt = merge_prompt(styles[name].negative_prompt, negative_prompt)
     return prompt, negative_prompt
