@@ -293,8 +293,8 @@ def test_pipeline_edit_midway_and_alternation_are_neither_prompt(pipe):
     for prompt in ("[red:blue:0.5] circle", "[red|blue] circle"):
         mixed = image(pipe, prompt, steps=5)
         assert not np.array_equal(mixed, red) and not np.array_equal(mixed, blue)
-    assert np.array_equal(image(pipe, "[red|red] circle", steps=4), red)
-    assert np.array_equal(image(pipe, "[red:red:0.5] circle", steps=4), red)
+    assert np.array_equal(image(pipe, "[red|red] circle", steps=5), red)
+    assert np.array_equal(image(pipe, "[red:red:0.5] circle", steps=5), red)
     assert np.array_equal(image(pipe, "[red|red] circle", steps=4, sampler="heun"),
                           image(pipe, "red circle", steps=4, sampler="heun"))
 
