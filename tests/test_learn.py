@@ -82,3 +82,15 @@ def test_learn_routes_reject_bad_input(client):
     assert client.post("/api/learn/strip/colour", json={}).status_code == 404
     strip = client.post("/api/learn/strip/cfg", json={"prompt": "a blue square", "steps": 3}).json()
     assert [item["label"] for item in strip["images"]] == ["CFG 1", "CFG 2", "CFG 4", "CFG 7", "CFG 12"]
+
+
+def test_learn_runs_are_worker_jobs_so_a_queued_generation_never_overlaps_them(client):
+    """Each Learn run goes through the server's worker (one generation at a time), and its attention hooks come
+    off the shared UNet afterwards."""
+    worker = client.app.state.worker
+    before = set(worker.jobs)
+    assert client.post("/api/learn/strip/sampler", json={"prompt": "a red circle", "steps": 2}).status_code == 200
+    new = [worker.jobs[key] for key in set(worker.jobs) - before]
+    assert len(new) == 1 and new[0].status == "done" and new[0].run is not None
+    unet = client.app.state.pipeline.unet
+    assert not any(module._forward_hooks for module in unet.modules())

@@ -3,15 +3,17 @@ x0 estimate, the noise estimate, per-token cross-attention), and comparison stri
 
 It runs the real pipeline: `Pipeline.__call__(step_callback=...)` hands over (step, sigma, x entering the step,
 its guided x0 estimate), and forward hooks (models/attention_maps.py) read the cross-attention probabilities.
+Each run is a job of the server's worker, queued with every other generation: the hooks on the shared UNet never
+see another request's steps, and another request's LoRAs never touch a Learn run.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import anyio
 import numpy as np
 import torch
 from fastapi import APIRouter, HTTPException, Request
@@ -19,16 +21,16 @@ from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..errors import NanoDiffusionError
 from ..images import to_pil
 from ..learn.builtin import token_labels
 from ..models.attention_maps import AttentionMaps
 from .encoding import image_to_b64
+from .queue import Job, QueueFull
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "learn"
 CFG_SCALES = (1.0, 2.0, 4.0, 7.0, 12.0)
 STRIP_SAMPLERS = ("Euler", "Euler a", "Heun", "DPM++ 2M", "DDIM", "UniPC")
-LOCK = threading.Lock()   # one Learn run at a time: the attention hooks sit on the shared UNet
+WAIT_SECONDS = 0.05   # how often a waiting Learn request checks its job
 
 router = APIRouter()
 
@@ -61,22 +63,45 @@ def heatmap(values: torch.Tensor) -> Image.Image:
 
 
 def generate(pipe: Any, body: LearnRequest, **overrides) -> Image.Image:
-    """One image of the pipeline for the request (overrides: cfg, sampler, step_callback)."""
+    """One image of the pipeline for the request (overrides: cfg, sampler, step_callback); bad settings raise
+    NanoDiffusionError, which the worker answers as a 400."""
     options = {"steps": body.steps, "sampler": body.sampler_name, "seed": body.seed, "cfg": body.cfg_scale,
                **overrides}
+    return pipe(body.prompt, body.negative_prompt, **options)[0]
+
+
+async def on_worker(request: Request, work: Callable[[Any], Any]) -> Any:
+    """work(pipeline), run as a job of the server's worker (queued with the other generations); a full queue is a
+    429, a failure its status and message."""
+    result: dict[str, Any] = {}
+
+    def run(pipeline: Any, **_: Any) -> list[Image.Image]:
+        result["value"] = work(pipeline)
+        return []
+
+    job = Job({"seed": 0}, run=run, previews=False)
     try:
-        return pipe(body.prompt, body.negative_prompt, **options)[0]
-    except NanoDiffusionError as error:
-        raise HTTPException(400, str(error)) from None
+        request.app.state.worker.submit(job)
+    except QueueFull as error:
+        raise HTTPException(429, str(error)) from None
+    while not job.done.is_set():
+        await anyio.sleep(WAIT_SECONDS)
+    if job.status == "failed":
+        raise HTTPException(job.error_status, job.error)
+    return result["value"]
 
 
 @router.post("/api/learn/steps", tags=["learn"])
-def denoising_steps(request: Request, body: LearnRequest) -> dict[str, Any]:
+async def denoising_steps(request: Request, body: LearnRequest) -> dict[str, Any]:
     """Generate once, returning every step: sigma, x_t, x0 estimate, noise estimate, per-token attention maps."""
-    pipe = request.app.state.pipeline
+    return await on_worker(request, lambda pipe: record_steps(pipe, body))
+
+
+def record_steps(pipe: Any, body: LearnRequest) -> dict[str, Any]:
+    """The steps route's work: one generation with the step callback and the attention recorder."""
     tokens = token_labels(pipe.tokenizer, body.prompt)
     steps: list[dict[str, Any]] = []
-    with LOCK, AttentionMaps(pipe.unet) as recorder:
+    with AttentionMaps(pipe.unet) as recorder:
         def on_step(i: int, sigma: float, x: torch.Tensor, x0: torch.Tensor) -> None:
             maps = recorder.token_maps(*x.shape[-2:], slice(-1, None))[0] if recorder.calls else None
             recorder.clear()
@@ -95,18 +120,17 @@ def denoising_steps(request: Request, body: LearnRequest) -> dict[str, Any]:
 
 
 @router.post("/api/learn/strip/{kind}", tags=["learn"])
-def comparison_strip(request: Request, kind: str, body: LearnRequest) -> dict[str, Any]:
+async def comparison_strip(request: Request, kind: str, body: LearnRequest) -> dict[str, Any]:
     """The same prompt and seed at several CFG scales (`cfg`) or with several samplers (`sampler`)."""
-    pipe = request.app.state.pipeline
     if kind == "cfg":
         runs = [(f"CFG {scale:g}", {"cfg": scale}) for scale in CFG_SCALES]
     elif kind == "sampler":
         runs = [(name, {"sampler": name}) for name in STRIP_SAMPLERS]
     else:
         raise HTTPException(404, f"no strip {kind!r}: use cfg or sampler")
-    with LOCK:
-        return {"kind": kind, "images": [{"label": label, "image": data_url(generate(pipe, body, **options))}
-                                         for label, options in runs]}
+    return await on_worker(request, lambda pipe: {
+        "kind": kind, "images": [{"label": label, "image": data_url(generate(pipe, body, **options))}
+                                 for label, options in runs]})
 
 
 @router.get("/learn/docs/{name}", include_in_schema=False)
