@@ -1,15 +1,18 @@
 """SD3 / SD3.5 networks against diffusers and transformers: same random weights (loaded with strict=True), same
 inputs -> same outputs. MMDiT (plain, QK RMSNorm, dual attention), T5 encoder and tokenizer, the 16-channel VAE
-with its shift, and the shifted rectified-flow schedule stepped by our Euler against FlowMatchEulerDiscreteScheduler."""
+with its shift, and the shifted rectified-flow schedule stepped by our Euler against FlowMatchEulerDiscreteScheduler;
+then the whole txt2img pipeline on a tiny StableDiffusion3Pipeline folder, with and without T5."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanodiffusion.checkpoints import describe
 from nanodiffusion.denoisers import Denoiser
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.flow_schedule import FlowSchedule, step_from_noise
@@ -17,7 +20,7 @@ from nanodiffusion.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from nanodiffusion.models.t5 import T5Config, T5EncoderModel, T5Tokenizer
 from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.samplers import sample_euler
-from oracles import require
+from oracles import clip_tokenizer_dir, require
 
 TINY_MMDIT = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
                   num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20,
@@ -31,11 +34,12 @@ SD3_VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2
                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
 
 
-def randomise(model: torch.nn.Module, std: float = 0.1) -> None:
+def randomise(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
     """Random weights everywhere (adaLN-Zero and output layers start at zero; the positions are a buffer)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data.normal_(0, std)
+        if tensor.is_floating_point():   # not the text encoders' position ids
+            tensor.data.normal_(0, std)
 
 
 @pytest.mark.parametrize("kw", MMDIT_CASES.values(), ids=MMDIT_CASES.keys())
@@ -176,3 +180,105 @@ def test_flow_schedule_rejects_settings_it_does_not_follow():
         FlowSchedule(shift=3.0).sigmas(4, "karras")
     with pytest.raises(NanoDiffusionError, match="shift"):
         FlowSchedule(shift=0.0)
+
+
+# ---- The whole pipeline: Pipeline.load(DIR) on an SD3 folder = StableDiffusion3Pipeline ----
+
+PROMPT = "a red circle above a blue square"
+STD, TEXT_STD = 0.2, 0.3   # weights this large make every text input move the image far beyond 2/255
+
+
+def t5_tokenizer(transformers):
+    """A tiny SentencePiece-style T5 tokenizer (tokenizer.json), as test_t5_tokenizer_matches_transformers builds."""
+    words = ["▁a", "▁red", "▁circle", "▁above", "▁blue", "▁square"]
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    letters = [(c, -8.0) for c in alphabet] + [("▁" + c, -7.0) for c in alphabet]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0),
+             *[(w, -3.0 - i / 10) for i, w in enumerate(words)], *letters]
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def sd3_parts(diffusers, transformers, t5: bool) -> dict:
+    """Tiny SD3 networks built by diffusers / transformers: MMDiT (joint width 32), 16-channel VAE, CLIP-L and CLIP-G
+    with projections (16 wide each, pooled 24 + 40), T5 (d_model 32) or None, and the pipeline's tokenizers."""
+    torch.manual_seed(5)
+    clip = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    folder = str(clip_tokenizer_dir())
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=16)
+    text_encoders = {
+        "text_encoder": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            **clip, hidden_act="quick_gelu", projection_dim=24)),
+        "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            **clip, hidden_act="gelu", projection_dim=40)),
+        "text_encoder_3": transformers.T5EncoderModel(transformers.T5Config(**{**TINY_T5, "vocab_size": 80,
+                                                                                "d_model": 32})) if t5 else None}
+    for seed, (model, std) in enumerate([(transformer, STD), *((m, TEXT_STD) for m in text_encoders.values() if m)]):
+        randomise(model, std, seed)
+    return {
+        "transformer": transformer.eval(),
+        "vae": diffusers.AutoencoderKL(**SD3_VAE).eval(),
+        **{name: model and model.eval() for name, model in text_encoders.items()},
+        "tokenizer": transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
+        "tokenizer_2": transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
+        "tokenizer_3": t5_tokenizer(transformers) if t5 else None,
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["t5", "without_t5"])
+def sd3_folder(request, tmp_path_factory):
+    """A tiny SD3 pipeline saved by diffusers (save_pretrained; without T5: text_encoder_3 None), and the pipeline."""
+    diffusers, transformers = require("diffusers"), require("transformers")
+    pipe = diffusers.StableDiffusion3Pipeline(**sd3_parts(diffusers, transformers, request.param))
+    path = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    pipe.save_pretrained(path)
+    return path, pipe
+
+
+def test_sd3_txt2img_matches_diffusers(sd3_folder):
+    """Default negative prompt (diffusers encodes ""), CFG 5, 64 x 64, 4 flow Euler steps: the same image to 2/255."""
+    from nanodiffusion.pipeline import Pipeline
+
+    path, reference = sd3_folder
+    expected = reference(PROMPT, num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+                         generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    pipe = Pipeline.load(path, precision="float32")
+    assert pipe.is_sd3 and not pipe.is_sdxl and pipe.prediction == "flow"
+    assert (pipe.text_encoder_3 is None) == (reference.text_encoder_3 is None)
+    with torch.no_grad():
+        context, negative, pooled, negative_pooled = reference.encode_prompt(PROMPT, None, None)
+        cond, uncond = pipe.encode_text([PROMPT], [""], clip_skip=1)
+    for ours_, theirs in [(cond["context"], context), (uncond["context"], negative),
+                          (cond["pooled_projections"], pooled), (uncond["pooled_projections"], negative_pooled)]:
+        assert ours_.shape == theirs.shape and (ours_ - theirs).abs().max() <= 1e-5
+    image = pipe(PROMPT, steps=4, cfg=5.0, width=64, height=64, seed=7, sampler="euler")[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert float(torch.from_numpy(expected).float().std()) > 0.01   # not a flat image
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+def test_sd3_info_and_t5_choice_runs_without_it_or_is_one_clear_line(sd3_folder):
+    """`nanodiff info` names the family; t5=False on a folder with T5 = diffusers with text_encoder_3 None; t5=True
+    without T5 (or on SD) is one line."""
+    from nanodiffusion.pipeline import Pipeline
+
+    path, reference = sd3_folder
+    info = describe(path)   # nanodiff info
+    assert info["version"] == "sd3" and info["prediction"] == "flow" and "transformer" in info["parameters"]
+    with pytest.raises(NanoDiffusionError, match="^builtin is not an SD3 model"):
+        Pipeline.load(None, t5=True)
+    if reference.text_encoder_3 is None:
+        with pytest.raises(NanoDiffusionError, match=r"^tiny-sd3 has no T5 text encoder \(no text_encoder_3/\)"):
+            Pipeline.load(path, t5=True)
+        return
+    pipe = Pipeline.load(path, precision="float32", t5=False)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    without = type(reference)(**{**reference.components, "text_encoder_3": None, "tokenizer_3": None})
+    expected = without(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                       generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    image = pipe(PROMPT, steps=3, cfg=5.0, width=64, height=64, seed=2, sampler="euler")[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255

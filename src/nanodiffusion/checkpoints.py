@@ -40,12 +40,16 @@ from .errors import NanoDiffusionError, choice_error
 from .models.clip import BOS, EOS
 from .prediction import choose_prediction
 
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "layout")  # layout: the built-in model's only
+# layout: the built-in model's only; transformer (the MMDiT) and text_encoder_3 (T5): SD3's
+PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "layout")
 PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "PNDMScheduler"], "layout": ["nanodiffusion", "LayoutModel"]}
+                "scheduler": ["diffusers", "PNDMScheduler"], "layout": ["nanodiffusion", "LayoutModel"],
+                "transformer": ["diffusers", "SD3Transformer2DModel"],
+                "text_encoder_3": ["transformers", "T5EncoderModel"]}
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"   # rectified flow (SD3): the network predicts a velocity
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
@@ -175,7 +179,10 @@ def version_from_unet(unet: dict[str, Tensor]) -> str:
 
 
 def version_from_parts(parts: dict[str, dict[str, Tensor]]) -> str:
-    """A diffusers folder's version: SDXL has a second text encoder (the refiner that one only), else the UNet's."""
+    """A diffusers folder's version: SD3 has a transformer (MMDiT) instead of a UNet, SDXL a second text encoder (the
+    refiner that one only), else the UNet's."""
+    if "transformer" in parts:
+        return "sd3"
     if "text_encoder_2" in parts:
         return "xl" if "text_encoder" in parts else "xl-refiner"
     return version_from_unet(parts["unet"])
@@ -193,9 +200,11 @@ def load_checkpoint(path: str | Path, *, prediction: str | None = None, keep_dty
     ckpt = load_folder(path, keep_dtype) if path.is_dir() else load_single_file(path, keep_dtype)
     if prediction is not None:
         set_prediction(ckpt, prediction)
-    ckpt.info.update(path=str(path), inpainting=is_inpainting(ckpt.parts["unet"]),
-                     prediction=ckpt.scheduler.get("prediction_type", "epsilon"),
-                     prediction_from="set by --prediction" if prediction is not None else None)
+    flow = ckpt.scheduler.get("_class_name") == FLOW_SCHEDULER
+    ckpt.info.update(path=str(path), inpainting="unet" in ckpt.parts and is_inpainting(ckpt.parts["unet"]),
+                     prediction="flow" if flow else ckpt.scheduler.get("prediction_type", "epsilon"),
+                     prediction_from="set by --prediction" if prediction is not None else
+                     f"from the scheduler config ({FLOW_SCHEDULER})" if flow else None)
     return ckpt
 
 
@@ -383,18 +392,20 @@ def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-NAME_FIXES = {"unet": dict, "vae": modern_vae_names, "text_encoder": text_model_names,
-              "text_encoder_2": text_model_names, "layout": dict}
+NAME_FIXES = {"unet": dict, "transformer": dict, "vae": modern_vae_names, "text_encoder": text_model_names,
+              "text_encoder_2": text_model_names, "text_encoder_3": dict, "layout": dict}
 
 
 def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
     """A diffusers pipeline folder: model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SDXL: also
-    text_encoder_2/ tokenizer_2/; the refiner has no text_encoder/ tokenizer/)."""
+    text_encoder_2/ tokenizer_2/; the refiner has no text_encoder/ tokenizer/; SD3: transformer/ for unet/, and
+    text_encoder_3/ tokenizer_3/ when it has T5)."""
     if not is_diffusers_folder(path):
         raise NanoDiffusionError(f"{path}: a folder but not a diffusers pipeline (no model_index.json or "
                                  "unet/config.json); pass a checkpoint file or a diffusers folder")
     parts, configs = {}, {}
-    for name in [p for p in PARTS if p == "unet" or (path / p).is_dir()]:
+    denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+    for name in [p for p in PARTS if p == denoiser or (path / p).is_dir() and p not in ("unet", "transformer")]:
         config = read_json(path / name / "config.json")
         configs[name] = config.get("text_config", config)
         parts[name] = NAME_FIXES[name](load_state_dict(part_weights(path / name), keep_dtype=keep_dtype))
@@ -481,10 +492,11 @@ def save_single_file(ckpt: Checkpoint, path: str | Path) -> None:
 # ---- Hash, info, convert ----
 
 def model_hash(path: str | Path) -> str:
-    """The web UI's "Model hash": the first 10 hex digits of the file's sha256 (a folder: its UNet weights)."""
+    """The web UI's "Model hash": the first 10 hex digits of the file's sha256 (a folder: its UNet weights, SD3's
+    transformer weights)."""
     path = Path(path)
     if path.is_dir():
-        path = part_weights(path / "unet")
+        path = part_weights(path / ("transformer" if (path / "transformer").is_dir() else "unet"))
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -11,13 +11,17 @@ import torch
 
 from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash, read_json, settle_prediction
 from .errors import NanoDiffusionError
+from .flow_schedule import FlowSchedule
 from .models.clip import EOS, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .models.layout import LayoutConfig, LayoutModel
+from .models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from .models.t5 import T5Config, T5EncoderModel, T5Tokenizer
 from .models.tokenizers import load_tokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .precision import precision_dtype, set_precision
 from .schedules import NoiseSchedule
+from .sd3 import DEFAULTS as SD3_DEFAULTS
 from .sdxl import SDXLModels
 from .storage import store_weights
 from .storage import weights_dtype as parse_weights_dtype
@@ -68,10 +72,10 @@ def nanodiffusion_settings(folder: Path) -> dict:
 
 def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
                   prediction: str | None = None, weights_dtype: str | torch.dtype | None = None,
-                  precision: str | None = None):
+                  precision: str | None = None, t5: bool | None = None):
     """Read a checkpoint, build its networks, tokenizer and noise schedule into `cls` (a Pipeline); the conv /
     linear weights are stored in `weights_dtype` (None: float32; see storage.py), or converted once to the
-    compute `precision` when that is bfloat16 (precision.py)."""
+    compute `precision` when that is bfloat16 (precision.py); `t5` as choose_t5 says (None: the model's own)."""
     dtype = parse_weights_dtype(weights_dtype)
     source = BUILTIN if path is None else NAMED_MODELS.get(str(path), Path(path))
     if path is None and not (BUILTIN / "model_index.json").is_file():
@@ -81,27 +85,34 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
         raise NanoDiffusionError(f"model {source} does not exist: pass a diffusers folder or a "
                                  ".safetensors / .ckpt file")
     ckpt = load_checkpoint(source, prediction=prediction, keep_dtype=True)
-    compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts["unet"].values()))
     version = ckpt.info.get("version")
-    xl = {}
+    if t5 is not None:
+        choose_t5(ckpt, t5)
+    network = "transformer" if version == "sd3" else "unet"
+    compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts[network].values()))
+    extra = {}   # the Pipeline's fields only some families have (second / third text encoders, SDXL flags)
     if version == "xl-refiner":
         raise NanoDiffusionError(f"{source.name} is an SDXL refiner: it refines a base model's images and is not "
                                  "loaded alone yet; load the SDXL base model")
     if version == "xl":
         models = sdxl_models(ckpt, dtype)
         unet, vae, text_encoder, layout = models.unet, models.vae, models.text_encoder, None
-        xl = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": models.tokenizer_2,
-              "force_zeros_for_empty_prompt": bool(ckpt.info.get("force_zeros_for_empty_prompt", True))}
+        extra = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": models.tokenizer_2,
+                 "force_zeros_for_empty_prompt": bool(ckpt.info.get("force_zeros_for_empty_prompt", True))}
+    elif version == "sd3":
+        unet, vae, text_encoder, extra = sd3_models(ckpt, dtype)
+        layout = None
     else:
         unet, vae, text_encoder, layout = build_models(ckpt, dtype)
     set_precision(unet, vae, text_encoder, compute)
     settle_prediction(ckpt, unet)
-    schedule = from_config(NoiseSchedule.from_config, ckpt.scheduler, "scheduler")
+    schedule_cls = FlowSchedule if ckpt.info["prediction"] == "flow" else NoiseSchedule
+    schedule = from_config(schedule_cls.from_config, ckpt.scheduler, "scheduler")
     if ckpt.info.get("inferred") and version == "v2" and prediction is None:
         warnings.warn(f"{source.name}: prediction type {ckpt.info['prediction']} ({ckpt.info['prediction_from']})"
                       "; --prediction overrides it", stacklevel=3)
     pad = "!" if version == "v2" and tokenizer is None and ckpt.tokenizer_dir is None else None
-    tok = (models.tokenizer if xl and tokenizer is None
+    tok = (models.tokenizer if version == "xl" and tokenizer is None
            else load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad))
     tok.model_max_length = min(tok.model_max_length, text_encoder.config.max_position_embeddings)
     settings = nanodiffusion_settings(source) if source.is_dir() else {}
@@ -113,10 +124,11 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
             prediction=ckpt.info["prediction"],
             name=settings.get("name", source.stem if source.is_file() else source.name),
             model_hash=model_hash(source),
-            default_size=settings.get("default_size", ckpt.configs["unet"].get("sample_size", 64) * vae_scale),
+            default_size=settings.get("default_size", ckpt.configs[network].get("sample_size", 64) * vae_scale),
             default_cfg=settings.get("default_cfg", 7.0),
             **(FEW_STEP_DEFAULTS if ckpt.scheduler.get("_class_name") == "LCMScheduler" else {}),
-            clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."), **xl,
+            **(SD3_DEFAULTS if version == "sd3" else {}),
+            clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."), **extra,
         )
 
 
@@ -164,3 +176,37 @@ def sdxl_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> SDXLMod
         tokenizer=tokenizer,
         tokenizer_2=load_tokenizer(ckpt.tokenizer_2_dir, pad_with=None if ckpt.tokenizer_2_dir else "!"),
         scheduler=ckpt.scheduler, info=ckpt.info)
+
+
+def choose_t5(ckpt: Checkpoint, t5: bool) -> None:
+    """SD3's optional T5 encoder as asked: dropped (False: less memory, the prompt's T5 tokens are zeros) or required
+    (True: a model without it is one clear line)."""
+    name = Path(ckpt.info["path"]).name
+    if t5 and ckpt.info.get("version") != "sd3":
+        raise NanoDiffusionError(f"{name} is not an SD3 model (version {ckpt.info.get('version')}): it has no T5 "
+                                 "text encoder to use")
+    if t5 and "text_encoder_3" not in ckpt.parts:
+        raise NanoDiffusionError(f"{name} has no T5 text encoder (no text_encoder_3/): load it without T5, or use "
+                                 "an SD3 folder that includes T5")
+    if not t5:
+        ckpt.parts.pop("text_encoder_3", None)
+
+
+def sd3_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
+               ) -> tuple[SD3Transformer2DModel, AutoencoderKL, CLIPTextModelWithProjection, dict]:
+    """The networks of a loaded SD3 / SD3.5 folder (Esser et al. 2024): the MMDiT, the 16-channel VAE, CLIP-L, and as
+    the Pipeline's other fields CLIP-G with its tokenizer and T5's encoder with its tokenizer (None when the folder
+    has no text_encoder_3/: the model runs without T5)."""
+    missing = [part for part in ("vae", "text_encoder", "text_encoder_2") if part not in ckpt.parts]
+    if missing:
+        raise NanoDiffusionError(f"{ckpt.info.get('path', 'the model')}: not a complete SD3 folder (no "
+                                 f"{', '.join(missing)}/); it needs a VAE, CLIP-L and CLIP-G, and T5 optionally")
+    t5 = "text_encoder_3" in ckpt.parts
+    extra = {
+        "text_encoder_2": build_network(ckpt, "text_encoder_2", CLIPTextConfig, CLIPTextModelWithProjection, dtype),
+        "tokenizer_2": load_tokenizer(ckpt.tokenizer_2_dir, pad_with=None if ckpt.tokenizer_2_dir else "!"),
+        "text_encoder_3": build_network(ckpt, "text_encoder_3", T5Config, T5EncoderModel, dtype) if t5 else None,
+        "tokenizer_3": T5Tokenizer.from_folder(ckpt.info["path"]) if t5 else None}
+    return (build_network(ckpt, "transformer", MMDiTConfig, SD3Transformer2DModel, dtype),
+            build_network(ckpt, "vae", VAEConfig, AutoencoderKL, dtype),
+            build_network(ckpt, "text_encoder", CLIPTextConfig, CLIPTextModelWithProjection, dtype), extra)

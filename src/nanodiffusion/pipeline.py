@@ -21,24 +21,26 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import sd3, sdxl
 from .controlnet_files import prepare_control_image
 from .denoisers import Denoiser
 from .errors import NanoDiffusionError
 from .fast import FastOptions, fast_paths
 from .fast.preview import LatentPreview
+from .flow_schedule import step_from_noise
 from .guidance import cfg_denoiser
 from .images import mask_to_tensor, to_pil, to_tensor
 from .inpaint_region import masked_box, paste_masked
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
 from .models.controlnet import controlnet_unet
-from . import sdxl
 from .models.layout import layout_noise
+from .models.mmdit import SD3Transformer2DModel
 from .noise import seeded_noise
 from .prompt_schedule import batch_conditioning
 from .prompts import encode_prompts, format_parameters, prompt_warnings
 from .request import GenerationRequest, GenerationResult, check_size
 from .sampler_names import scheduler_label
-from .samplers import get_sampler
+from .samplers import SamplerInfo, get_sampler
 from .schedules import NoiseSchedule
 from .tiling import circular_padding
 
@@ -71,8 +73,10 @@ class Pipeline:
     loras: list[tuple[Path, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None
     layout: torch.nn.Module | None = None    # the built-in model's layout stage (models/layout.py), None for SD
-    text_encoder_2: torch.nn.Module | None = None   # SDXL's OpenCLIP bigG with projection (sdxl.py), else None
+    text_encoder_2: torch.nn.Module | None = None   # SDXL's OpenCLIP bigG / SD3's CLIP-G, with projection, else None
     tokenizer_2: object | None = None
+    text_encoder_3: torch.nn.Module | None = None   # SD3's T5 encoder (sd3.py); None for SD3 without T5 and others
+    tokenizer_3: object | None = None
     force_zeros_for_empty_prompt: bool = True       # SDXL: an empty negative prompt is zeros, not encoded
     lora_dir: Path | None = None
     fast: FastOptions = field(default_factory=FastOptions)   # approximate fast paths (fast/), all off by default
@@ -82,14 +86,15 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path | None = None, *, tokenizer: str | Path | None = None,
              prediction: str | None = None, weights_dtype: str | torch.dtype | None = None,
-             precision: str | None = None) -> "Pipeline":
+             precision: str | None = None, t5: bool | None = None) -> "Pipeline":
         """Load the built-in model (path None), a diffusers folder, or an original single file; weights_dtype
         "bfloat16" / "float16" stores the conv / linear weights in half precision (compute stays float32);
-        precision "bfloat16" / "float32" is the compute precision (None: this CPU's default, precision.py)."""
+        precision "bfloat16" / "float32" is the compute precision (None: this CPU's default, precision.py); t5 (SD3):
+        None uses T5 when the model has it, False runs without it, True requires it."""
         from .loading import load_pipeline
 
         return load_pipeline(cls, path, tokenizer=tokenizer, prediction=prediction, weights_dtype=weights_dtype,
-                             precision=precision)
+                             precision=precision, t5=t5)
 
     @property
     def vae_scale(self) -> int:
@@ -108,12 +113,24 @@ class Pipeline:
     @property
     def is_sdxl(self) -> bool:
         """SDXL (Podell et al. 2023): two text encoders and the UNet's added conditioning (sdxl.py)."""
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_sd3
+
+    @property
+    def is_sd3(self) -> bool:
+        """SD3 / SD3.5 (Esser et al. 2024): a rectified-flow MMDiT over three text encoders' states (sd3.py)."""
+        return isinstance(self.unet, SD3Transformer2DModel)
 
     def encode_conditioning(self, texts: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         """Each text's network inputs besides x and t, one row per text, all encoded together (one chunk count):
         SD: {"context"}; SDXL: both encoders' penultimate states and bigG's pooled "text_embeds", zeros for an
-        empty text when the model says force_zeros_for_empty_prompt (diffusers' default negative prompt)."""
+        empty text when the model says force_zeros_for_empty_prompt (diffusers' default negative prompt); SD3: the
+        joint "context" of CLIP-L, CLIP-G and T5 (zeros without it) and the pooled "pooled_projections"."""
+        if self.is_sd3:
+            context, pooled = sd3.encode_text(
+                self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.tokenizer(texts),
+                self.tokenizer_2(texts), None if self.tokenizer_3 is None else self.tokenizer_3(texts),
+                self.unet.config.joint_attention_dim, state=-(clip_skip + 1))
+            return {"context": context, "pooled_projections": pooled}
         if not self.is_sdxl:
             return {"context": encode_prompts(self.text_encoder, self.tokenizer, texts, clip_skip=clip_skip)}
         context, pooled = sdxl.encode_text(self.text_encoder, self.text_encoder_2, self.tokenizer(texts),
@@ -151,12 +168,12 @@ class Pipeline:
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents, one posterior sample per image with its own generator."""
         latents = [self.vae.encode(image[i:i + 1]).sample(generator=g) for i, g in enumerate(generators)]
-        return torch.cat(latents) * self.vae.config.scaling_factor
+        return self.vae.scale_latents(torch.cat(latents))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [-1, 1]."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
+        return self.vae.decode(self.vae.unscale_latents(latents)).clamp(-1, 1)
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Preview images of scaled latents (e.g. the x0 estimate of a step): the VAE itself for small latents
@@ -265,7 +282,7 @@ class Pipeline:
             *shape[:2], r.seed_resize_from[1] // self.vae_scale, r.seed_resize_from[0] // self.vae_scale)
         noise = torch.cat([seeded_noise(shape, g, r.subseed + i, r.subseed_strength, resize)
                            for i, g in enumerate(generators)])
-        if known is None or (mask is not None and start == 0):
+        if known is None or (mask is not None and start == 0) or math.isinf(sigmas[0]):
             x = noise * info.initial_noise_scale(sigmas, noise_schedule)
         else:
             x = known + noise * sigmas[0]
@@ -298,7 +315,7 @@ class Pipeline:
 
         entering = [x]
         with torch.no_grad():
-            x = info.fn(guided, x, sigmas, generator=generators, callback=on_step, **options)
+            x = run_sampler(info, guided, x, sigmas, generators, on_step, options)
         bar.close()
         final_sigma = float(sigmas[-1])
         return x / math.sqrt(1 + final_sigma**2) if final_sigma > 0 else x
@@ -394,6 +411,18 @@ class Pipeline:
             return unet(torch.cat([x, extra], dim=1), t, context, **added)
 
         return net
+
+
+def run_sampler(info: SamplerInfo, denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+                generators: list[torch.Generator], callback: Callable[..., None], options: dict) -> torch.Tensor:
+    """The sampler over `sigmas`. A rectified-flow list starts at sigma = inf (pure noise, Esser et al. 2024): its
+    first step is flow_schedule.step_from_noise, and the sampler walks the rest of the list."""
+    if not math.isinf(sigmas[0]):
+        return info.fn(denoiser, x, sigmas, generator=generators, callback=callback, **options)
+    x, x0 = step_from_noise(denoiser, x, float(sigmas[1]))
+    callback(0, sigmas[0], x, x0)
+    return info.fn(denoiser, x, sigmas[1:], generator=generators, callback=lambda i, *step: callback(i + 1, *step),
+                   **options)
 
 
 def with_layout_channels(net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

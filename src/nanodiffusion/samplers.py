@@ -403,8 +403,11 @@ class SamplerInfo:
     def initial_noise_scale(self, sigmas: torch.Tensor, schedule: NoiseSchedule) -> float:
         """x_T = noise * this, for every sampler and spacing. sigma_0 (k-diffusion), or sqrt(1 + sigma_0^2), the VE
         image of unit VP noise, where diffusers starts from VP noise: its VP-native samplers (init_noise_sigma = 1)
-        and, for the others, a "leading" timestep spacing (their init_noise_sigma = sqrt(1 + sigma_max^2))."""
+        and, for the others, a "leading" timestep spacing (their init_noise_sigma = sqrt(1 + sigma_max^2)). A flow
+        model's sigma_0 = inf: 1, x is the noise itself (Denoiser's convention there, flow_schedule.step_from_noise)."""
         s0 = float(sigmas[0])
+        if math.isinf(s0):
+            return 1.0
         vp_start = self.discrete or self.multistep or schedule.timestep_spacing == "leading"
         return math.sqrt(1 + s0**2) if vp_start else s0
 
