@@ -135,3 +135,42 @@ def test_shipped_few_step_model_loads_by_name_with_its_own_defaults():
     image = pipe("a red circle", seed=0, callback=lambda i, total, x0: steps.append(total))[0]
     assert steps == [4] * 4 and image.size == (64, 64)
     assert "Steps: 4, Sampler: LCM" in image.info["parameters"] and np.asarray(image).std() > 10
+
+
+def test_published_lcm_unet_with_guidance_embedding_matches_diffusers(tmp_path):
+    """A guidance-distilled LCM checkpoint (UNet time_cond_proj_dim, LCMScheduler, like LCM-Dreamshaper): our
+    Pipeline on diffusers' saved folder gives LatentConsistencyModelPipeline's image to 2/255 at its defaults of 4
+    lcm steps, the cfg scale going in as the w embedding (one network pass per step)."""
+    from oracles import clip_tokenizer_dir, require
+
+    from nanodiffusion.pipeline import Pipeline
+
+    diffusers, transformers = require("diffusers"), require("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, time_cond_proj_dim=32)
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.normal_(0, 0.5)   # so the guidance scale visibly matters
+    vae = diffusers.AutoencoderKL(block_out_channels=[32, 64], latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=37, num_attention_heads=1, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=77)
+    reference = diffusers.LatentConsistencyModelPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    reference.save_pretrained(tmp_path / "lcm")
+    pipe = Pipeline.load(tmp_path / "lcm", precision="float32")
+    assert pipe.guidance_embedded and (pipe.default_steps, pipe.default_sampler) == (4, "lcm")
+    images = {}
+    for scale in (8.5, 2.0):
+        expected = reference("a red circle above a blue square", num_inference_steps=4, guidance_scale=scale,
+                             height=64, width=64, generator=torch.Generator().manual_seed(3), output_type="np").images
+        ours = np.asarray(pipe("a red circle above a blue square", cfg=scale, seed=3, width=64, height=64)[0])
+        assert np.abs(ours / 255 - expected[0]).max() <= 2 / 255
+        images[scale] = ours.astype(int)
+    assert np.abs(images[8.5] - images[2.0]).max() > 10   # the scale reached the UNet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -104,3 +105,13 @@ def classifier_guidance(denoiser: DenoiserFn, classifier: Callable[[torch.Tensor
         return x0 + scale * sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2 * grad
 
     return guided
+
+
+def guidance_scale_embedding(scale: float, dim: int, batch: int) -> torch.Tensor:
+    """The guidance-scale condition of a guidance-distilled UNet (LCM, Luo et al. 2023 §4.2; Meng et al. 2023):
+    sinusoidal features of 1000 (w - 1), [batch, dim], the model then runs without classifier-free guidance."""
+    w = torch.full((batch, 1), 1000.0 * (scale - 1.0))
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    features = torch.cat([torch.sin(w * frequencies), torch.cos(w * frequencies)], dim=1)
+    return torch.nn.functional.pad(features, (0, dim % 2))

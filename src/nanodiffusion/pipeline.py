@@ -28,7 +28,7 @@ from .errors import NanoDiffusionError
 from .fast import FastOptions, fast_paths
 from .fast.preview import LatentPreview
 from .flow_schedule import step_from_noise
-from .guidance import cfg_denoiser
+from .guidance import cfg_denoiser, guidance_scale_embedding
 from .images import mask_to_tensor, to_pil, to_tensor
 from .inpaint_region import masked_box, paste_masked
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
@@ -264,7 +264,8 @@ class Pipeline:
         net = self.unet_function(r.control_image, r.control_scale, width, height, r.controlnet)
         cond, uncond = batch_conditioning(
             lambda prompts: self.encode_conditioning(prompts, r.clip_skip),
-            lambda c, u, rows: self.guidance_inputs(c, u, generators, *shape[-2:], rows), texts, r.negative_prompt,
+            lambda c, u, rows: self.guidance_inputs(c, u, generators, *shape[-2:], rows, r.cfg), texts,
+            r.negative_prompt,
             steps)
         mask = r.mask if known is None else None
         img2img = known is not None or r.init_image is not None
@@ -298,7 +299,8 @@ class Pipeline:
             else:
                 denoiser = pin_known_region(denoiser, latent_mask, known)
         guided = info.clipped(
-            cfg_denoiser(denoiser, cond, uncond, r.cfg, r.fast.guidance_min_sigma(sigmas), sigmas), noise_schedule)
+            cfg_denoiser(denoiser, cond, uncond, 1.0 if self.guidance_embedded else r.cfg,
+                         r.fast.guidance_min_sigma(sigmas), sigmas), noise_schedule)
 
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not r.progress, leave=False)
 
@@ -382,14 +384,24 @@ class Pipeline:
 
         return net if self.layout is None else with_layout_channels(net)
 
+    @property
+    def guidance_embedded(self) -> bool:
+        """A guidance-distilled UNet (an LCM's w-conditioning): the cfg scale is an input, not two passes."""
+        return bool(getattr(self.unet.config, "time_cond_proj_dim", None))
+
     def guidance_inputs(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                        generators: list[torch.Generator], height: int, width: int,
-                        rows: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                        generators: list[torch.Generator], height: int, width: int, rows: list[int] | None = None,
+                        cfg: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The conditional and unconditional inputs of classifier-free guidance for encoded texts cond / uncond
         (encode_conditioning): with a layout stage, also its slot map on the height x width latent grid (one box
         draw per generator) and a blank map for the unconditional branch; for SDXL, the size "time ids" (§2.2).
-        `rows`: the generator of each cond row (default: its own)."""
+        `rows`: the generator of each cond row (default: its own); for a guidance-distilled UNet, the embedding
+        of the guidance scale `cfg` (default: the model's)."""
         cond, uncond = dict(cond), dict(uncond)
+        if self.guidance_embedded:
+            scale, dim = self.default_cfg if cfg is None else cfg, self.unet.config.time_cond_proj_dim
+            cond["timestep_cond"] = guidance_scale_embedding(scale, dim, len(cond["context"]))
+            uncond["timestep_cond"] = guidance_scale_embedding(scale, dim, len(uncond["context"]))
         if self.is_sdxl:
             micro = sdxl.MicroConditioning((height * self.vae_scale, width * self.vae_scale),
                                            (height * self.vae_scale, width * self.vae_scale))

@@ -130,14 +130,19 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_s
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal timestep features: Linear, SiLU, Linear (Ho et al. 2020, DDPM)."""
+    """MLP on the sinusoidal timestep features: Linear, SiLU, Linear (Ho et al. 2020, DDPM). With `cond_dim`, a
+    condition embedding (an LCM's guidance scale w, Luo et al. 2023 §4.2) is projected and added to the features."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        if cond_dim:
+            self.cond_proj = Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = Linear(in_dim, dim)
         self.linear_2 = Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
 
 

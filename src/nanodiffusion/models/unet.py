@@ -57,6 +57,7 @@ class UNetConfig:
     addition_embed_type: str | None = None                    # "text_time": SDXL's added conditioning
     addition_time_embed_dim: int | None = None                # width of each time id's sinusoidal embedding
     projection_class_embeddings_input_dim: int | None = None  # pooled text width + time ids x addition_time_embed_dim
+    time_cond_proj_dim: int | None = None                     # an LCM's guidance-scale embedding width (w-conditioning)
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -179,7 +180,7 @@ class UNet2DConditionModel(nn.Module):
                            only_cross=cross_only, upcast=c.upcast_attention) if use else None
 
         self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList(
@@ -199,16 +200,18 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
-                text_embeds: Tensor | None = None, time_ids: Tensor | None = None,
+                text_embeds: Tensor | None = None, time_ids: Tensor | None = None, timestep_cond: Tensor | None = None,
                 down_block_additional_residuals: list[Tensor] | None = None,
                 mid_block_additional_residual: Tensor | None = None) -> Tensor:
         """Noise prediction for `sample` [B, C, H, W] at `timestep` (scalar or [B]) given the context [B, L, D].
         An SDXL UNet also takes the pooled text embedding `text_embeds` [B, P] and the size / crop `time_ids`
-        [B, N] (sdxl.py). The additional residuals (a ControlNet's) are added to the skips and to the mid-block
-        output."""
+        [B, N] (sdxl.py); a guidance-distilled (LCM) UNet its guidance-scale embedding `timestep_cond` [B, W]
+        (guidance.guidance_scale_embedding). The additional residuals (a ControlNet's) are added to the skips and to
+        the mid-block output."""
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift))
+        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift),
+                                  timestep_cond)
         if c.addition_embed_type is not None or text_embeds is not None or time_ids is not None:
             emb = emb + self.added_embedding(text_embeds, time_ids)
         emb = emb.to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
