@@ -196,6 +196,25 @@ def test_few_steps_match_too(saved, sampler, schedule):
     assert_matches(ours, expected)
 
 
+def test_turbo_style_single_step_without_guidance_matches_diffusers(saved, tmp_path):
+    """SD-Turbo's recipe (stabilityai/sd-turbo: EulerDiscreteScheduler, "trailing" spacing; 1 step at t = 999,
+    guidance_scale=0.0, which diffusers reads as no guidance): the same image through our Pipeline."""
+    import json
+    import shutil
+
+    folder = tmp_path / "turbo"
+    shutil.copytree(saved["plain"], folder)
+    config = {**SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+                   generator=generators(5, 1), output_type="np").images
+    ours = Pipeline.load(folder)(PROMPT, num_inference_steps=1, guidance_scale=0.0, sampler="euler",
+                                 generator=generators(5, 1)[0], width=SIZE, height=SIZE)
+    assert_matches(ours, expected)
+
+
 # The scheduler_config.json texts the released checkpoints publish (runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-2-1). Neither has "timestep_spacing": each diffusers scheduler then uses its own
 # default ("leading" for DDIM / PNDM / DDPM, "linspace" for the others), and so must each of our samplers.

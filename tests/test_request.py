@@ -34,6 +34,14 @@ def test_diffusers_names_give_the_same_images_as_ours(pipe):
     assert theirs.nsfw_content_detected is None
 
 
+def test_guidance_scale_at_or_below_1_means_no_guidance_as_in_diffusers(pipe):
+    """diffusers guides only when guidance_scale > 1 (SD-Turbo's guidance_scale=0.0 is the conditional model alone);
+    our cfg keeps the web UI's formula, where cfg 0 is the unconditional model."""
+    conditional = pixels(pipe("a red circle", steps=2, seed=5, cfg=1.0))
+    assert np.array_equal(pixels(pipe("a red circle", num_inference_steps=2, seed=5, guidance_scale=0.0)), conditional)
+    assert not np.array_equal(pixels(pipe("a red circle", steps=2, seed=5, cfg=0.0)), conditional)
+
+
 def test_a_request_object_runs_like_its_keywords(pipe):
     request = GenerationRequest("a red circle", steps=2, seed=3, cfg=5.0)
     assert np.array_equal(pixels(pipe(request)), pixels(pipe("a red circle", steps=2, seed=3, cfg=5.0)))

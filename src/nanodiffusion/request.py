@@ -104,6 +104,8 @@ class GenerationRequest:
             ours = DIFFUSERS_NAMES.get(key, key)
             if key == "generator":
                 values["seed"] = generator_seed(value)
+            elif key == "guidance_scale" and "cfg" not in values:   # diffusers guides only above 1: below, cond only
+                values["cfg"] = 1.0 if isinstance(value, (int, float)) and value <= 1 else value
             elif key == "callback_on_step_end":
                 values["step_callback"] = diffusers_step_callback(value)
             elif key == "output_type":
