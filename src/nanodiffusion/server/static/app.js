@@ -347,17 +347,24 @@ function seedOf(result) {
   return match ? match[1] : null;
 }
 
-function addToGallery(result) {
+// A thumbnail button for an image result ({url, parameters}); onClick runs when it is clicked.
+function thumbButton(result, title, onClick) {
   const thumb = document.createElement("button");
   thumb.type = "button";
   thumb.className = "thumb";
-  thumb.title = result.name;
+  thumb.title = title;
   const image = document.createElement("img");
   image.src = result.url;
+  image.loading = "lazy";
   image.alt = result.parameters.split("\n")[0];
   thumb.append(image);
+  thumb.addEventListener("click", onClick);
+  return thumb;
+}
+
+function addToGallery(result) {
+  const thumb = thumbButton(result, result.name, () => select(result));
   thumb.dataset.url = result.url;
-  thumb.addEventListener("click", () => select(result));
   $("gallery").prepend(thumb);
 }
 

@@ -6,20 +6,10 @@ const HISTORY_PER_PAGE = 24;
 const historyPage = { page: 0, pages: 1 };
 
 function historyThumb(item) {
-  const thumb = document.createElement("button");
-  thumb.type = "button";
-  thumb.className = "thumb";
-  thumb.title = item.path;
-  const image = document.createElement("img");
-  image.src = item.url;
-  image.loading = "lazy";
-  image.alt = item.parameters.split("\n")[0];
-  thumb.append(image);
-  thumb.addEventListener("click", () => {
+  return thumbButton(item, item.path, () => {
     select(item);
     setView("result");
   });
-  return thumb;
 }
 
 async function loadHistory(page = historyPage.page) {
