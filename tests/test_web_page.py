@@ -13,13 +13,11 @@ import os
 import threading
 
 import httpx
-import pytest
 from PIL import Image, PngImagePlugin
 from test_browser import CHROMIUM_ARGS, browser  # noqa: F401 - the browser fixture
 from test_server import FakePipeline, Recording, running
 
 from nanodiffusion.server.app import create_app
-from nanodiffusion.server.web import PLOT_HOOK
 
 WEBUI_TEXT = ('a "quoted" cat, masterpiece\nsecond line of the prompt\nNegative prompt: blurry, lowres\n'
               'Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 96x64, '
@@ -203,7 +201,6 @@ def test_hires_styles_and_model_sent_when_the_server_offers_them(browser, tmp_pa
         assert page.is_hidden("#hires-field")
 
 
-@pytest.mark.skipif(not PLOT_HOOK, reason="server/queue.py lacks Job.run, which the X/Y/Z plot job needs")
 def test_xyz_plot_in_the_browser_shows_the_labelled_grid(browser, tmp_path):  # noqa: F811
     pipe = Recording(FakePipeline())
     with running(create_app(pipe, outputs=tmp_path)) as url:
@@ -277,3 +274,12 @@ def test_history_view_opens_a_saved_image_and_sends_it_to_txt2img(browser, tmp_p
         page.click("#to-txt2img")
         assert page.input_value("#prompt") == "from history" and page.input_value("#steps") == "8"
         assert page.input_value("#seed") == "8"
+
+
+def test_the_real_pipeline_offers_every_request_setting_to_the_page():
+    """Pipeline.__call__ takes its settings as **settings (request.py): the page's optional controls (hires fix,
+    ...) must see them, not an empty signature."""
+    from nanodiffusion.pipeline import Pipeline
+    from nanodiffusion.server.web import call_keywords
+
+    assert {"hires", "n_iter", "subseed", "tiling", "mask_only"} <= call_keywords(Pipeline.load())

@@ -25,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ..errors import NanoDiffusionError
+from ..pipeline import Pipeline
+from ..request import GenerationRequest
 from ..xyz import Axis, fix_axis_seeds, parse_axis, plot_cells, xyz_cells
 from .api import lora_files, model_title, submit
 from .errors import public_message, server_folders
@@ -39,7 +41,6 @@ MAX_PLOT_CELLS = 64
 PLOT_FIELDS = {"steps": "steps", "cfg": "cfg_scale", "sampler": "sampler_name", "schedule": "scheduler",
                "seed": "seed", "strength": "denoising_strength", "width": "width", "height": "height",
                "prompt_sr": "prompt_sr"}   # X/Y/Z axis (pipeline keyword) -> the request field it sets
-PLOT_HOOK = "run" in {f.name for f in fields(Job)}   # the worker can run something other than the pipeline
 
 router = APIRouter()
 
@@ -58,11 +59,14 @@ def config(request: Request) -> dict[str, Any]:
     return {"model": model_title(pipe), "default_size": pipe.default_size, "default_cfg": pipe.default_cfg,
             "limits": asdict(state.limits), "controlnet": getattr(pipe, "controlnet", None) is not None,
             "loras": [p.stem for p in lora_files(pipe)], "hires": "hires" in call_keywords(pipe),
-            "xyz": PLOT_HOOK, "xyz_axes": list(PLOT_FIELDS)}
+            "xyz": True, "xyz_axes": list(PLOT_FIELDS)}
 
 
 def call_keywords(pipe: Any) -> set[str]:
-    """The keyword arguments the pipeline's call takes (empty if its signature cannot be read)."""
+    """The keyword arguments the pipeline's call takes: a Pipeline's are a GenerationRequest's settings (it takes
+    them as **settings); another callable's, its named parameters (empty if its signature cannot be read)."""
+    if isinstance(pipe, Pipeline):
+        return {f.name for f in fields(GenerationRequest)}
     try:
         return set(inspect.signature(pipe).parameters)
     except (TypeError, ValueError):
@@ -181,8 +185,6 @@ def run_plot(pipeline: Any, *, cells: list[dict[str, Any]], axes: list[Axis], st
 async def create_plot(request: Request, body: PlotRequest) -> dict[str, Any]:
     """Queue an X/Y/Z plot as one job; its single image (the labelled grid) is saved under the outputs folder."""
     state = request.app.state
-    if not PLOT_HOOK:
-        raise HTTPException(501, "X/Y/Z plot is not available: this server's job queue cannot run it")
     if not state.worker.has_room():
         raise HTTPException(429, state.worker.full_message())
     try:
