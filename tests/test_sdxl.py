@@ -401,19 +401,99 @@ def test_sdxl_txt2img_matches_diffusers(sdxl_folder, sampler, scheduler):
     assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
 
 
-def test_sdxl_refiner_alone_is_one_clear_line(tmp_path):
+@pytest.fixture(scope="module")
+def refiner_folder(sdxl_folder, tmp_path_factory):
+    """A tiny SDXL refiner (bigG alone, aesthetic-score time ids) saved by diffusers, sharing the base's VAE as the
+    published refiner does, and the img2img pipeline that saved it."""
+    _, base = sdxl_folder
+    models = full_parts(refiner=True)
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{**models, "vae": base.vae}, text_encoder=None, tokenizer=None, tokenizer_2=base.tokenizer_2,
+        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    path = tmp_path_factory.mktemp("refiner") / "tiny-refiner"
+    refiner.save_pretrained(path)
+    return path, refiner
+
+
+def test_sdxl_refiner_alone_refines_but_does_not_start(refiner_folder):
+    """The refiner loads (bigG only, aesthetic score 6 / 2.5) and runs img2img as diffusers' refiner pipeline does;
+    txt2img with it is one clear line."""
+    from PIL import Image
+
     from nanodiffusion.pipeline import Pipeline
 
-    models = full_parts(refiner=True)
-    folder = str(clip_tokenizer_dir())
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        **models, text_encoder=None, tokenizer=None,
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
-        scheduler=diffusers.EulerDiscreteScheduler(), requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False)
-    refiner.save_pretrained(tmp_path / "refiner")
+    path, reference = refiner_folder
+    pipe = Pipeline.load(path, precision="float32")
+    assert pipe.is_refiner and pipe.aesthetic_score == 6.0
     with pytest.raises(NanoDiffusionError, match="SDXL refiner"):
-        Pipeline.load(tmp_path / "refiner")
+        pipe(PROMPTS[0], steps=3, width=64, height=64)
+    init = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    expected = reference(PROMPTS[1], image=init, strength=0.5, num_inference_steps=4, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    image = pipe(PROMPTS[1], init_image=init, strength=0.5, steps=4, cfg=5.0, seed=2, sampler="euler", width=64,
+                 height=64)[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("sampler, scheduler, switch", [("euler", "EulerDiscreteScheduler", 0.8),
+                                                        ("dpmpp_2m", "DPMSolverMultistepScheduler", 0.6)])
+def test_base_to_refiner_handoff_matches_diffusers(sdxl_folder, refiner_folder, sampler, scheduler, switch):
+    """The ensemble of experts (Podell et al. 2023 §2.5): the base denoises to denoising_end, its latents go to the
+    refiner at denoising_start, as diffusers' documented base + refiner recipe; 6 steps, CFG 5, to 2/255."""
+    from nanodiffusion.pipeline import Pipeline
+
+    (base_path, base), (refiner_path, refiner) = sdxl_folder, refiner_folder
+    base.scheduler = getattr(diffusers, scheduler).from_config(base.scheduler.config)
+    refiner.scheduler = getattr(diffusers, scheduler).from_config(refiner.scheduler.config)
+    latents = base(PROMPTS[0], num_inference_steps=6, guidance_scale=5.0, height=64, width=64,
+                   denoising_end=switch, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    expected = refiner(PROMPTS[0], image=latents, num_inference_steps=6, guidance_scale=5.0, denoising_start=switch,
+                       generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    pipe, pipe_refiner = Pipeline.load(base_path, precision="float32"), Pipeline.load(refiner_path, precision="float32")
+    image = pipe(PROMPTS[0], steps=6, cfg=5.0, width=64, height=64, seed=5, sampler=sampler, refiner=pipe_refiner,
+                 refiner_switch_at=switch)[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert float(torch.from_numpy(expected).float().std()) > 0.01
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+    assert "Refiner: tiny-refiner" in image.info["parameters"] and f"Refiner switch at: {switch}" in image.info[
+        "parameters"]
+
+
+def test_cli_refiner_flags_give_the_pipeline_image(sdxl_folder, refiner_folder, tmp_path):
+    """`nanodiff generate --model BASE --refiner REFINER --refiner-switch-at 0.7` = the Python API's image."""
+    from PIL import Image
+
+    from nanodiffusion.cli import main
+    from nanodiffusion.pipeline import Pipeline
+
+    base, refiner = sdxl_folder[0], refiner_folder[0]
+    out = tmp_path / "refined.png"
+    assert main(["generate", PROMPTS[1], "--model", str(base), "--refiner", str(refiner), "--refiner-switch-at",
+                 "0.7", "--steps", "5", "--cfg", "4", "-W", "64", "-H", "64", "--seed", "9", "--sampler", "euler",
+                 "--precision", "float32", "-o", str(out)]) == 0
+    expected = Pipeline.load(base, precision="float32")(
+        PROMPTS[1], steps=5, cfg=4.0, width=64, height=64, seed=9, sampler="euler",
+        refiner=Pipeline.load(refiner, precision="float32"), refiner_switch_at=0.7)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+
+
+def test_refiner_errors_are_one_line(sdxl_folder, refiner_folder):
+    from PIL import Image
+
+    from nanodiffusion.pipeline import Pipeline
+
+    pipe, refiner = Pipeline.load(sdxl_folder[0]), Pipeline.load(refiner_folder[0])
+    for bad, match in ((dict(refiner=refiner, refiner_switch_at=1.0), "refiner_switch_at 1.0"),
+                       (dict(refiner=refiner, refiner_switch_at=0.05), "leaves no steps to the base model"),
+                       (dict(refiner=refiner, refiner_switch_at=0.999), "leaves no steps to the refiner"),
+                       (dict(refiner=pipe.__class__.load()), "another latent space")):
+        with pytest.raises(NanoDiffusionError, match=match):
+            pipe(PROMPTS[0], steps=4, width=64, height=64, **bad)
+    with pytest.raises(NanoDiffusionError, match="itself a refiner"):
+        refiner(PROMPTS[0], steps=4, width=64, height=64, refiner=refiner,
+                init_image=Image.new("RGB", (64, 64)))
 
 
 def test_sdxl_img2img_matches_diffusers(sdxl_folder):

@@ -41,7 +41,9 @@ def _generate(args: argparse.Namespace) -> None:
                                                   load_styles(args.styles_file))
     args.sampler, args.schedule = sampler_choice(args.sampler, args.schedule)
     pipe = Pipeline.load(args.model, tokenizer=args.tokenizer, prediction=args.prediction,
-                         weights_dtype=args.weights_dtype, precision=args.precision)
+                         weights_dtype=args.weights_dtype, precision=args.precision, t5=args.t5)
+    args.refiner_pipe = (Pipeline.load(args.refiner, weights_dtype=args.weights_dtype, precision=args.precision)
+                         if args.refiner else None)
     pipe.fast = fast_options(args)
     pipe.loras = loras
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
@@ -89,6 +91,7 @@ def generation_request(args: argparse.Namespace, pipe: object) -> object:
         control_image=load_image(args.control_image) if args.control_image else None,
         control_scale=args.control_scale, subseed=args.subseed, subseed_strength=args.subseed_strength,
         hires=hires, tiling=args.tiling,
+        refiner=getattr(args, "refiner_pipe", None), refiner_switch_at=args.refiner_switch_at,
         callback=preview_writer(pipe, Path(args.preview)) if args.preview else None, progress=True)
 
 
@@ -279,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-m", "--model", default=None, help="diffusers folder or .safetensors/.ckpt file "
                      "(default: the built-in model)")
     gen.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt")
+    gen.add_argument("--refiner", default=None, metavar="MODEL",
+                     help="SDXL refiner (folder or file) that runs the last part of the schedule")
+    gen.add_argument("--refiner-switch-at", type=finite_float, default=0.8, metavar="F",
+                     help="fraction of the schedule the base model runs before the refiner takes over")
+    gen.add_argument("--t5", action=argparse.BooleanOptionalAction, default=None,
+                     help="SD3: use the T5 text encoder (--no-t5: leave it out, less memory; default: if present)")
     gen.add_argument("-n", "--negative", "--negative-prompt", default="", help="negative prompt")
     gen.add_argument("--sampler", default=None, help="sampler id or web-UI name (default: the model's, Euler a)")
     gen.add_argument("--schedule", "--scheduler", default="default",

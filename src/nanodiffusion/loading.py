@@ -91,20 +91,19 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     network = "transformer" if version == "sd3" else "unet"
     compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts[network].values()))
     extra = {}   # the Pipeline's fields only some families have (second / third text encoders, SDXL flags)
-    if version == "xl-refiner":
-        raise NanoDiffusionError(f"{source.name} is an SDXL refiner: it refines a base model's images and is not "
-                                 "loaded alone yet; load the SDXL base model")
-    if version == "xl":
+    if version in ("xl", "xl-refiner"):
         models = sdxl_models(ckpt, dtype)
         unet, vae, text_encoder, layout = models.unet, models.vae, models.text_encoder, None
         extra = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": models.tokenizer_2,
-                 "force_zeros_for_empty_prompt": bool(ckpt.info.get("force_zeros_for_empty_prompt", True))}
+                 "force_zeros_for_empty_prompt": bool(ckpt.info.get("force_zeros_for_empty_prompt", True)),
+                 "aesthetic_score": models.micro_conditioning(1, 1).aesthetic_score}
     elif version == "sd3":
         unet, vae, text_encoder, extra = sd3_models(ckpt, dtype)
         layout = None
     else:
         unet, vae, text_encoder, layout = build_models(ckpt, dtype)
-    set_precision(unet, vae, text_encoder, compute)
+    first_encoder = text_encoder if text_encoder is not None else extra["text_encoder_2"]   # the refiner: bigG
+    set_precision(unet, vae, first_encoder, compute)
     settle_prediction(ckpt, unet)
     schedule_cls = FlowSchedule if ckpt.info["prediction"] == "flow" else NoiseSchedule
     schedule = from_config(schedule_cls.from_config, ckpt.scheduler, "scheduler")
@@ -112,9 +111,9 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
         warnings.warn(f"{source.name}: prediction type {ckpt.info['prediction']} ({ckpt.info['prediction_from']})"
                       "; --prediction overrides it", stacklevel=3)
     pad = "!" if version == "v2" and tokenizer is None and ckpt.tokenizer_dir is None else None
-    tok = (models.tokenizer if version == "xl" and tokenizer is None
+    tok = (models.tokenizer or models.tokenizer_2 if version in ("xl", "xl-refiner") and tokenizer is None
            else load_tokenizer(tokenizer or ckpt.tokenizer_dir, pad_with=pad))
-    tok.model_max_length = min(tok.model_max_length, text_encoder.config.max_position_embeddings)
+    tok.model_max_length = min(tok.model_max_length, first_encoder.config.max_position_embeddings)
     settings = nanodiffusion_settings(source) if source.is_dir() else {}
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad():

@@ -78,6 +78,7 @@ class Pipeline:
     text_encoder_3: torch.nn.Module | None = None   # SD3's T5 encoder (sd3.py); None for SD3 without T5 and others
     tokenizer_3: object | None = None
     force_zeros_for_empty_prompt: bool = True       # SDXL: an empty negative prompt is zeros, not encoded
+    aesthetic_score: float | None = None            # the SDXL refiner's positive score (§2.5); None for the others
     lora_dir: Path | None = None
     fast: FastOptions = field(default_factory=FastOptions)   # approximate fast paths (fast/), all off by default
     previewer: LatentPreview | None = field(default=None, repr=False)
@@ -116,6 +117,11 @@ class Pipeline:
         return self.text_encoder_2 is not None and not self.is_sd3
 
     @property
+    def is_refiner(self) -> bool:
+        """The SDXL refiner (§2.5): OpenCLIP bigG alone, aesthetic-score time ids; it refines, it does not start."""
+        return self.is_sdxl and self.text_encoder is None
+
+    @property
     def is_sd3(self) -> bool:
         """SD3 / SD3.5 (Esser et al. 2024): a rectified-flow MMDiT over three text encoders' states (sd3.py)."""
         return isinstance(self.unet, SD3Transformer2DModel)
@@ -133,7 +139,8 @@ class Pipeline:
             return {"context": context, "pooled_projections": pooled}
         if not self.is_sdxl:
             return {"context": encode_prompts(self.text_encoder, self.tokenizer, texts, clip_skip=clip_skip)}
-        context, pooled = sdxl.encode_text(self.text_encoder, self.text_encoder_2, self.tokenizer(texts),
+        context, pooled = sdxl.encode_text(self.text_encoder, self.text_encoder_2,
+                                           None if self.is_refiner else self.tokenizer(texts),
                                            self.tokenizer_2(texts), state=-(clip_skip + 1))
         if self.force_zeros_for_empty_prompt:
             keep = torch.tensor([text != "" for text in texts], dtype=context.dtype)
@@ -150,7 +157,7 @@ class Pipeline:
     @contextmanager
     def lora_applied(self, loras: list[tuple[Path, float]]):
         """Apply LoRAs at run time (unmerged, each with its weight) for the duration of a generation."""
-        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         for path, weight in loras:
             check_lora_weight(weight, path.name)
         networks = [load_lora(path, models).apply_unmerged(weight) for path, weight in loras]
@@ -234,8 +241,16 @@ class Pipeline:
         return [text for text, _ in stripped], stripped[0][1]
 
     def generate(self, r: GenerationRequest, texts: list[str], seeds: list[int]) -> list[Image.Image]:
-        """One iteration of a resolved request (LoRAs applied, tags removed): sample, hires-fix, decode, label."""
-        latents = self.sample(r, texts, seeds, r.width, r.height, r.steps)
+        """One iteration of a resolved request (LoRAs applied, tags removed): sample (handing the last part of the
+        schedule to the refiner, if any), hires-fix, decode, label."""
+        if r.refiner is None:
+            latents = self.sample(r, texts, seeds, r.width, r.height, r.steps)
+        else:
+            switch = self.refiner_step(r)
+            latents = self.sample(r, texts, seeds, r.width, r.height, r.steps, stop=switch)
+            latents = r.refiner.sample(replace(r, init_image=None, mask=None, controlnet=None, control_image=None),
+                                       texts, seeds, r.width, r.height, r.steps, known=latents, start=switch,
+                                       renoise=False)
         width, height = r.width, r.height
         if r.hires is not None:
             width, height = r.hires.target(r.width, r.height)
@@ -243,23 +258,28 @@ class Pipeline:
             run = r.hires.steps or r.steps   # the second pass runs exactly this many steps (as the web UI's does)
             total = int(run / min(r.hires.strength, 0.999))
             latents = self.sample(r, texts, seeds, width, height, total, known=known, start=total - run)
-        images = to_pil(self.decode(latents))
+        images = to_pil((r.refiner or self).decode(latents))   # the refiner's VAE when it finished the latents
         info = get_sampler(r.sampler)
         for i, out in enumerate(images):
             out.info["parameters"] = self.parameters_text(r, i, seeds[i], info.display_name, width, height)
         return images
 
     def sample(self, r: GenerationRequest, texts: list[str], seeds: list[int], width: int, height: int, steps: int,
-               known: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+               known: torch.Tensor | None = None, start: int = 0, stop: int | None = None,
+               renoise: bool = True) -> torch.Tensor:
         """The sampling loop: scaled latents of one image per seed. txt2img from seeded noise; img2img from the
         request's init image noised to the sigma that its strength selects, or from `known` latents (the hires
-        fix's second pass) noised to the sigma of step `start`; inpainting as the module docstring says."""
+        fix's second pass) noised to the sigma of step `start` (renoise False: `known` is already at that sigma, the
+        base model's latents a refiner continues); inpainting as the module docstring says. With `stop`, only the
+        steps before it run and the latents come back as they are at that sigma (for a refiner)."""
         batch = len(seeds)
         info = get_sampler(r.sampler)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         options = {"eta": r.eta} if r.eta is not None and "eta" in inspect.signature(info.fn).parameters else {}
         noise_schedule = info.schedule(self.schedule)   # keys the config lacks: this sampler's diffusers defaults
         sigmas = info.sigmas(noise_schedule, steps, r.schedule)
+        if stop is not None:
+            sigmas = sigmas[:stop + 1]
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         net = self.unet_function(r.control_image, r.control_scale, width, height, r.controlnet)
         cond, uncond = batch_conditioning(
@@ -285,6 +305,8 @@ class Pipeline:
                            for i, g in enumerate(generators)])
         if known is None or (mask is not None and start == 0) or math.isinf(sigmas[0]):
             x = noise * info.initial_noise_scale(sigmas, noise_schedule)
+        elif not renoise:
+            x = known
         else:
             x = known + noise * sigmas[0]
 
@@ -320,7 +342,24 @@ class Pipeline:
             x = run_sampler(info, guided, x, sigmas, generators, on_step, options)
         bar.close()
         final_sigma = float(sigmas[-1])
-        return x / math.sqrt(1 + final_sigma**2) if final_sigma > 0 else x
+        return x / math.sqrt(1 + final_sigma**2) if final_sigma > 0 and stop is None else x
+
+    def refiner_step(self, r: GenerationRequest) -> int:
+        """The step at which the refiner takes over (Podell et al. 2023 §2.5; diffusers' denoising_end /
+        denoising_start): the base runs the steps whose timestep is at least (1 - refiner_switch_at) x the training
+        timesteps, the refiner the rest."""
+        info = get_sampler(r.sampler)
+        noise_schedule = info.schedule(self.schedule)
+        sigmas = info.sigmas(noise_schedule, r.steps, r.schedule)[:-1]
+        total = noise_schedule.num_train_timesteps
+        cutoff = int(round(total - r.refiner_switch_at * total))
+        switch = sum(1 for sigma in sigmas if round(float(noise_schedule.sigma_to_t(sigma))) >= cutoff)
+        first = r.steps - min(int(r.steps * r.strength), r.steps) if r.init_image is not None else 0
+        if not first < switch < len(sigmas):
+            raise NanoDiffusionError(f"refiner_switch_at {r.refiner_switch_at} leaves no steps to the "
+                                     f"{'refiner' if switch >= len(sigmas) else 'base model'} with {r.steps} steps: "
+                                     "use a value such as 0.8, or more steps")
+        return switch
 
     @torch.no_grad()
     def upscale(self, latents: torch.Tensor, upscaler: str, width: int, height: int,
@@ -364,6 +403,8 @@ class Pipeline:
             "Hires steps": hires.steps or None if hires else None,
             "Hires upscaler": HIRES_UPSCALER_NAMES[hires.upscaler] if hires else None,
             "Tiling": True if r.tiling else None,
+            "Refiner": f"{r.refiner.name} [{r.refiner.model_hash}]".replace(" []", "") if r.refiner else None,
+            "Refiner switch at": r.refiner_switch_at if r.refiner else None,
             "Version": "nanodiffusion",
         })
 
@@ -404,9 +445,10 @@ class Pipeline:
             uncond["timestep_cond"] = guidance_scale_embedding(scale, dim, len(uncond["context"]))
         if self.is_sdxl:
             micro = sdxl.MicroConditioning((height * self.vae_scale, width * self.vae_scale),
-                                           (height * self.vae_scale, width * self.vae_scale))
+                                           (height * self.vae_scale, width * self.vae_scale),
+                                           aesthetic_score=self.aesthetic_score)
             cond["time_ids"] = micro.time_ids(len(cond["context"]))
-            uncond["time_ids"] = micro.time_ids(len(uncond["context"]))
+            uncond["time_ids"] = micro.negative().time_ids(len(uncond["context"]))
         if self.layout is not None:
             noise = layout_noise(generators, self.layout.config.slots)
             cond["layout"] = self.layout(cond["context"], noise if rows is None else noise[rows], height, width)

@@ -86,6 +86,8 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None   # (width, height) the seed's noise is drawn at, then centred
     hires: HiresFix | None = None
+    refiner: Any = None                 # a Pipeline (the SDXL refiner) that runs the last part of the schedule
+    refiner_switch_at: float = 0.8      # the fraction of the schedule the base model runs (diffusers' denoising_end)
     tiling: bool = False                # seamless: circular padding in every convolution
     loras: list[tuple[Path, float]] = field(default_factory=list)   # in addition to the pipeline's own
     fast: FastOptions | None = None     # None: the pipeline's
@@ -180,6 +182,7 @@ class GenerationRequest:
             check_size(*self.seed_resize_from, max(8, pipe.vae_scale))
         if self.hires is not None:
             check_hires(self.hires, width, height, pipe)
+        check_refiner(self, pipe)
         seed = random.randrange(2**32) if self.seed is None or self.seed < 0 else self.seed
         subseed = random.randrange(2**32) if self.subseed is None or self.subseed < 0 else self.subseed
         return dataclasses.replace(
@@ -226,6 +229,34 @@ def check_hires(hires: HiresFix, width: int, height: int, pipe: Any) -> None:
     if not hires.scale > 0:
         raise NanoDiffusionError(f"hires scale {hires.scale} is not allowed: use a positive factor such as 2")
     check_size(*hires.target(width, height), max(8, pipe.vae_scale))
+
+
+def check_refiner(request: GenerationRequest, pipe: Any) -> None:
+    """A refiner only after a model of the same latent space, at a switch inside (0, 1); a refiner alone only
+    refines an init image."""
+    refiner = request.refiner
+    if refiner is None:
+        if getattr(pipe, "is_refiner", False) and request.init_image is None:
+            raise NanoDiffusionError(f"{pipe.name} is an SDXL refiner: it refines an image rather than starting one; "
+                                     "give it an init image, or load the SDXL base model and pass this one as its "
+                                     "refiner (--refiner)")
+        return
+    if getattr(refiner, "vae", None) is None or refiner.is_sd3 or pipe.is_sd3:
+        raise NanoDiffusionError("the refiner must be a loaded SD / SDXL Pipeline of the same family as the model")
+    ours, theirs = pipe.vae.config, refiner.vae.config
+    if (ours.latent_channels, ours.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor) \
+            or pipe.is_sdxl != refiner.is_sdxl:
+        raise NanoDiffusionError(f"refiner {refiner.name} works in another latent space than {pipe.name} (one is "
+                                 "SDXL, the other not): pass a refiner of the same family")
+    if pipe.is_refiner:
+        raise NanoDiffusionError(f"{pipe.name} is itself a refiner: load the SDXL base model and pass this one as "
+                                 "its refiner")
+    if not 0.0 < request.refiner_switch_at < 1.0:
+        raise NanoDiffusionError(f"refiner_switch_at {request.refiner_switch_at} is not allowed: use a fraction of "
+                                 "the schedule in (0, 1), e.g. 0.8")
+    if request.mask is not None or request.hires is not None:
+        raise NanoDiffusionError("a refiner with inpainting or the hires fix is not supported: generate, then refine "
+                                 "the image with img2img")
 
 
 def generator_seed(generator: Any) -> int:
