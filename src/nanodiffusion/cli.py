@@ -84,7 +84,8 @@ def generation_request(args: argparse.Namespace, pipe: object) -> object:
                          upscaler=args.hires_upscaler, width=args.hires_width, height=args.hires_height)
     return GenerationRequest(
         args.prompt, args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-        cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch, n_iter=args.n_iter,
+        cfg=args.cfg, layout_cfg=args.layout_cfg, seed=args.seed, width=args.width, height=args.height,
+        batch=args.batch, n_iter=args.n_iter,
         init_image=load_image(args.init) if args.init else None, strength=args.strength,
         mask=load_image(args.mask) if args.mask else None, mask_only=args.mask_only, mask_padding=args.mask_padding,
         clip_skip=args.clip_skip, eta=args.eta,
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-s", "--steps", type=int, default=None, help="sampling steps (default: the model's, 20)")
     gen.add_argument("--cfg", "--cfg-scale", "--guidance-scale", type=finite_float, default=None,
                      help="classifier-free guidance scale")
+    gen.add_argument("--layout-cfg", type=finite_float, default=None, metavar="S",
+                     help="a layout model's slot-map guidance scale (the built-in model; default: its own)")
     gen.add_argument("--seed", type=SEED, default=None, help="-1 or none: random")
     gen.add_argument("-W", "--width", type=int, default=None)
     gen.add_argument("-H", "--height", type=int, default=None)
@@ -367,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None)
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--cfg", type=finite_float, default=None)
+    ev.add_argument("--layout-cfg", type=finite_float, default=None)
     ev.add_argument("--sampler", default="euler_a")
     ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--markdown", default=None, help="also write the table to this file")

@@ -12,10 +12,11 @@ from .evaluate import evaluate_folder, format_table
 
 
 def generate_prompt_images(pipe, folder: Path, n: int, split: str, seed: int, steps: int,
-                           cfg: float | None, sampler: str) -> None:
+                           cfg: float | None, sampler: str, layout_cfg: float | None = None) -> None:
     """One image per prompt (seed + i), saved as PNG with its parameters (the prompt is the first line), through
     the batch path (batch.py): split across `accelerate launch` processes, images already there are kept."""
-    jobs = [BatchJob(i, text, f"{i:04d}.png", {"steps": steps, "cfg": cfg, "seed": seed + i, "sampler": sampler})
+    settings = {"steps": steps, "cfg": cfg, "sampler": sampler, **({"layout_cfg": layout_cfg} if layout_cfg is not None else {})}
+    jobs = [BatchJob(i, text, f"{i:04d}.png", {**settings, "seed": seed + i})
             for i, (_, text) in enumerate(sample_prompts(n, seed=seed, split=split))]
     summary = generate_jobs(pipe, jobs, folder)
     if summary.failed:
@@ -30,7 +31,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
         pipe = Pipeline.load(args.model, precision=getattr(args, "precision", None))
         generate_prompt_images(pipe, folder, args.generate, args.split, args.seed, args.steps, args.cfg,
-                               args.sampler)
+                               args.sampler, getattr(args, "layout_cfg", None))
         from accelerate import PartialState
 
         if not PartialState().is_main_process:

@@ -78,6 +78,23 @@ def per_row(weight: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tens
     return weight.to(x).reshape(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(weight) else weight
 
 
+@dataclass(frozen=True)
+class LayoutGuidance:
+    """Two-condition guidance for a UNet that reads a layout map beside the text (Brooks et al. 2023,
+    InstructPix2Pix, eq. 3, with the map as the image condition):
+    D(u) + s_L (D(map) - D(u)) + s_T (D(map, text) - D(map)). Written as cfg_denoiser's parts at scale s_T: each
+    part also enters with the unconditional text states beside its map, weight w (s_L - s_T) / s_T (`ratio`)."""
+
+    cond: ConditioningSchedule
+    uncond: ConditioningSchedule
+    ratio: float
+
+    def at(self, step: int) -> list[tuple[Conditioning, float | torch.Tensor]]:
+        parts = self.cond.at(step)
+        empty = self.uncond.at(step)[0][0]["context"]
+        return parts + [({**inputs, "context": empty}, weight * self.ratio) for inputs, weight in parts]
+
+
 def as_schedule(cond: Conditioning | ConditioningSchedule) -> ConditioningSchedule:
     """A schedule as it is; a dict of inputs as the one-part constant schedule."""
     return Constant(cond) if isinstance(cond, dict) else cond

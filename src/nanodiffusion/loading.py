@@ -33,7 +33,8 @@ NAMED_MODELS = {"builtin": BUILTIN, "builtin-lcm": BUILTIN.with_name("builtin_lc
 # device's one-off set-up (~1.7 s of imports), which would dominate the built-in model's start-up.
 META_BUILD_MIN = 50_000_000
 T = TypeVar("T")
-SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cfg": (int, float)}
+SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cfg": (int, float),
+                 "default_layout_cfg": (int, float)}
 
 
 def build_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
@@ -66,7 +67,8 @@ def nanodiffusion_settings(folder: Path) -> dict:
             key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], kind))
             for key, kind in SETTING_TYPES.items()):
         raise NanoDiffusionError(f"{index}: not a model index with a \"_nanodiffusion\" object of name (text), "
-                                 "default_size and clip_skip (integers), default_cfg (a number)")
+                                 "default_size and clip_skip (integers), default_cfg and default_layout_cfg "
+                                 "(numbers)")
     return settings
 
 
@@ -125,6 +127,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
             model_hash=model_hash(source),
             default_size=settings.get("default_size", ckpt.configs[network].get("sample_size", 64) * vae_scale),
             default_cfg=settings.get("default_cfg", 7.0),
+            default_layout_cfg=settings.get("default_layout_cfg"),
             **(FEW_STEP_DEFAULTS if ckpt.scheduler.get("_class_name") == "LCMScheduler" else {}),
             **(SD3_DEFAULTS if version == "sd3" else {}),
             clip_skip=settings.get("clip_skip", 1), precision=str(compute).removeprefix("torch."), **extra,

@@ -28,7 +28,7 @@ from .errors import NanoDiffusionError
 from .fast import FastOptions, fast_paths
 from .fast.preview import LatentPreview
 from .flow_schedule import step_from_noise
-from .guidance import cfg_denoiser, guidance_scale_embedding
+from .guidance import LayoutGuidance, as_schedule, cfg_denoiser, guidance_scale_embedding
 from .images import mask_to_tensor, to_pil, to_tensor
 from .inpaint_region import masked_box, paste_masked
 from .lora_files import TAG_OPEN, check_lora_weight, load_lora, resolve_lora_tags
@@ -67,6 +67,7 @@ class Pipeline:
     model_hash: str = ""
     default_size: int = 512
     default_cfg: float = 7.0
+    default_layout_cfg: float | None = None   # a layout model's map guidance scale (LayoutGuidance); None: = cfg
     default_steps: int = 20
     default_sampler: str = "euler_a"
     clip_skip: int = 1
@@ -287,6 +288,9 @@ class Pipeline:
             lambda c, u, rows: self.guidance_inputs(c, u, generators, *shape[-2:], rows, r.cfg), texts,
             r.negative_prompt,
             steps)
+        if (self.layout is not None and r.layout_cfg is not None and r.layout_cfg != r.cfg and r.cfg != 0
+                and not self.guidance_embedded):
+            cond = LayoutGuidance(as_schedule(cond), as_schedule(uncond), (r.layout_cfg - r.cfg) / r.cfg)
         mask = r.mask if known is None else None
         img2img = known is not None or r.init_image is not None
         if known is None and r.init_image is not None:
@@ -391,7 +395,8 @@ class Pipeline:
         return format_parameters(r.prompt[i], r.negative_prompt[i], {
             "Steps": r.steps, "Sampler": sampler,
             "Schedule type": scheduler_label(r.schedule),
-            "CFG scale": f"{r.cfg:g}", "Seed": seed, "Size": f"{r.width}x{r.height}",
+            "CFG scale": f"{r.cfg:g}", "Layout CFG scale": None if r.layout_cfg is None else f"{r.layout_cfg:g}",
+            "Seed": seed, "Size": f"{r.width}x{r.height}",
             "Model hash": self.model_hash or None, "Model": self.name,
             "Denoising strength": r.strength if r.init_image is not None else hires and hires.strength,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,

@@ -68,6 +68,7 @@ class GenerationRequest:
     sampler: str | None = None          # None: the model's default ("euler_a"; "lcm" for a few-step model)
     schedule: str = "default"
     cfg: float | None = None            # None: the model's default
+    layout_cfg: float | None = None     # a layout model's map guidance (guidance.LayoutGuidance); None: its default
     seed: int | None = None             # None or < 0: a random seed
     width: int | None = None            # None: the model's default size (init images are scaled to it)
     height: int | None = None
@@ -146,6 +147,12 @@ class GenerationRequest:
         cfg = pipe.default_cfg if self.cfg is None else self.cfg
         if not math.isfinite(cfg):
             raise NanoDiffusionError(f"cfg {cfg} is not allowed: use a finite number such as 7")
+        layout_cfg = getattr(pipe, "default_layout_cfg", None) if self.layout_cfg is None else self.layout_cfg
+        if self.layout_cfg is not None and getattr(pipe, "layout", None) is None:
+            raise NanoDiffusionError(f"layout_cfg is for a model with a layout stage (the built-in model); "
+                                     f"{pipe.name} has none: leave it out")
+        if layout_cfg is not None and not math.isfinite(layout_cfg):
+            raise NanoDiffusionError(f"layout_cfg {layout_cfg} is not allowed: use a finite number such as 3")
         check_size(width, height, max(8, pipe.vae_scale))
         check_count("batch", batch, MAX_BATCH)
         check_count("n_iter", self.n_iter, MAX_N_ITER)
@@ -187,7 +194,7 @@ class GenerationRequest:
         subseed = random.randrange(2**32) if self.subseed is None or self.subseed < 0 else self.subseed
         return dataclasses.replace(
             self, prompt=prompts, negative_prompt=negatives, steps=steps, sampler=sampler, batch=batch, width=width,
-            height=height, cfg=cfg,
+            height=height, cfg=cfg, layout_cfg=layout_cfg,
             seed=seed, subseed=subseed, clip_skip=self.clip_skip or pipe.clip_skip, controlnet=controlnet,
             fast=fast)
 

@@ -89,9 +89,13 @@ BUILTIN_SCHEDULER = {
     "clip_sample": False,
 }
 
-# Guidance scale the shipped model is tuned for on the validation split (docs/builtin.md), read by the loader as
-# the default --cfg.
+# Guidance scales the shipped model is tuned for on the validation split (docs/builtin.md), read by the loader as
+# the defaults of --cfg (the text's) and --layout-cfg (the slot map's: guidance.LayoutGuidance).
 BUILTIN_CFG = 3.0
+BUILTIN_LAYOUT_CFG = 3.0
+# Captioned training images whose UNet reads the slot map beside the empty prompt's text states, so the model also
+# learns D(map), the middle term of LayoutGuidance (InstructPix2Pix trains its image-only branch the same way).
+MAP_ONLY_PROB = 0.25
 
 # Training settings of the two stages (also the defaults of `nanodiff train vae` / `diffusion`).
 # The UNet trains in fp32: on the CPU it was measured faster than under bf16 autocast.
@@ -106,7 +110,8 @@ LAYOUT_RECIPE = {"steps": 2000, "batch_size": 512, "lr": 1e-3, "warmup": 100, "m
 def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                           tokenizer: object, scheduler: dict, dtype: torch.dtype = torch.float32,
                           name: str = "model", layout: nn.Module | None = None,
-                          default_cfg: float = BUILTIN_CFG) -> Path:
+                          default_cfg: float = BUILTIN_CFG, default_layout_cfg: float | None = BUILTIN_LAYOUT_CFG
+                          ) -> Path:
     """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and
     layout/ for a model with a layout stage."""
     folder = Path(folder)
@@ -123,7 +128,9 @@ def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_en
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_nanodiffusion": {"name": name, "default_size": vae.config.sample_size,
-                           "default_cfg": default_cfg},
+                           "default_cfg": default_cfg,
+                           **({"default_layout_cfg": default_layout_cfg} if layout is not None
+                              and default_layout_cfg is not None else {})},
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -172,7 +179,8 @@ def ship(source: Path, destination: Path = BUILTIN_DIR, name: str = "builtin") -
     settings = json.loads((Path(source) / "model_index.json").read_text()).get("_nanodiffusion", {})
     shutil.rmtree(Path(destination) / "layout", ignore_errors=True)
     return write_pipeline_folder(destination, unet, vae, text_encoder, tokenizer, scheduler, torch.float16,
-                                 name=name, layout=layout, default_cfg=settings.get("default_cfg", BUILTIN_CFG))
+                                 name=name, layout=layout, default_cfg=settings.get("default_cfg", BUILTIN_CFG),
+                                 default_layout_cfg=settings.get("default_layout_cfg"))
 
 
 def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],

@@ -5,7 +5,9 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and regress the network's predicti
 (eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, Salimans & Ho 2022), weighted per sample by
 min-SNR-gamma (Hang et al. 2023). The caption is replaced by the empty prompt with probability
 `uncond_prob`, so the same network is the unconditional model of classifier-free guidance
-(Ho & Salimans 2022). The VAE is frozen: its latents are computed once and cached in the run folder.
+(Ho & Salimans 2022); with a layout stage, a further `map_only_prob` of the captioned images keep their slot map
+but not their text, so the network is also the map-only model of LayoutGuidance (guidance.py). The VAE is
+frozen: its latents are computed once and cached in the run folder.
 
     python -m nanodiffusion.train.diffusion --vae runs/vae/vae --output runs/diffusion --steps 3200
 """
@@ -29,6 +31,7 @@ from .builtin import (
     BUILTIN_TEXT_ENCODER,
     BUILTIN_UNET,
     DIFFUSION_RECIPE,
+    MAP_ONLY_PROB,
     MAX_TOKENS,
     write_pipeline_folder,
 )
@@ -56,7 +59,8 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, alphas_cumprod: torch.Tensor,
                  empty_ids: torch.Tensor, prediction: str = "epsilon", snr_gamma: float = 5.0,
-                 uncond_prob: float = 0.1, layout: nn.Module | None = None, sampled_map: bool = False):
+                 uncond_prob: float = 0.1, layout: nn.Module | None = None, sampled_map: bool = False,
+                 map_only_prob: float = 0.0):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
@@ -67,6 +71,7 @@ class DiffusionObjective(nn.Module):
         self.prediction = prediction
         self.snr_gamma = snr_gamma
         self.uncond_prob = uncond_prob
+        self.map_only_prob = map_only_prob  # captioned rows whose UNet reads the map but the empty prompt's states
 
     @torch.no_grad()
     def frozen_slot_map(self, context: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor,
@@ -97,6 +102,11 @@ class DiffusionObjective(nn.Module):
         noise = torch.randn_like(x0)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         context = self.text_encoder(ids)
+        unet_context = context
+        if self.layout is not None and self.map_only_prob > 0:
+            map_only = ~drop & (torch.rand(len(ids), device=ids.device) < self.map_only_prob)
+            empty = self.text_encoder(self.empty_ids[None]).expand_as(context)
+            unet_context = torch.where(map_only[:, None, None], empty, context)
         logs, layout_loss = {}, 0.0
         if self.layout is not None and "labels" in batch:   # training the layout stage on known boxes
             slots, boxes, keep = self.layout.read_slots(context), batch["boxes"], ~drop
@@ -108,7 +118,7 @@ class DiffusionObjective(nn.Module):
             x_t = torch.cat([x_t, slot_map], dim=1)
         elif self.layout is not None:   # fine-tuning a model with a frozen layout stage
             x_t = torch.cat([x_t, self.frozen_slot_map(context, batch, ~drop, *x_t.shape[-2:])], dim=1)
-        prediction = self.unet(x_t, t, context).float()
+        prediction = self.unet(x_t, t, unet_context).float()
         target = diffusion_target(x0, noise, alpha_bar, self.prediction)
         mse = (prediction - target).pow(2).flatten(1).mean(1)
         weight = min_snr_weight(alpha_bar.flatten() / (1 - alpha_bar.flatten()), self.snr_gamma, self.prediction)
@@ -174,7 +184,8 @@ def preview_prompts(captions: list[str], n: int = 8) -> list[str]:
 def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = None, dataset_size: int = 20_000,
                     prediction: str = "epsilon", snr_gamma: float = 5.0, uncond_prob: float = 0.1,
                     unet_config: dict | None = None, text_config: dict | None = None,
-                    layout_config: dict | None = None, preview_steps: int = 20) -> nn.Module:
+                    layout_config: dict | None = None, preview_steps: int = 20,
+                    map_only_prob: float = MAP_ONLY_PROB) -> nn.Module:
     """Train UNet + text encoder (+ the layout model, on the shapes scenes, whose object boxes are known) on
     cached latents; writes output/model (a diffusers-style folder)."""
     from ..models.clip import CLIPTextConfig, CLIPTextModel
@@ -205,7 +216,7 @@ def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = No
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
     schedule = NoiseSchedule.from_config(BUILTIN_SCHEDULER)
     objective = DiffusionObjective(unet, text_encoder, schedule.alphas_cumprod, tokenizer([""])[0],
-                                   prediction, snr_gamma, uncond_prob, layout)
+                                   prediction, snr_gamma, uncond_prob, layout, map_only_prob=map_only_prob)
     prompts = preview_prompts(cache["captions"])
 
     def batches(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -243,9 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    parser.add_argument("--map-only-prob", type=float, default=MAP_ONLY_PROB,
+                        help="with a layout stage: captioned images trained on their slot map without their text")
     args = parser.parse_args(argv)
     train_diffusion(config_from_args(args), Path(args.vae), data=args.data, dataset_size=args.dataset_size,
-                    prediction=args.prediction, snr_gamma=args.snr_gamma, uncond_prob=args.uncond_prob)
+                    prediction=args.prediction, snr_gamma=args.snr_gamma, uncond_prob=args.uncond_prob,
+                    map_only_prob=args.map_only_prob)
 
 
 if __name__ == "__main__":

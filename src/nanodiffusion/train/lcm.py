@@ -123,7 +123,8 @@ def mark_lcm(folder: Path, original_steps: int = LCM_ORIGINAL_STEPS) -> None:
     config_file.write_text(json.dumps(scheduler, indent=2) + "\n")
     index = json.loads(index_file.read_text())
     index["scheduler"] = ["diffusers", "LCMScheduler"]
-    index["_nanodiffusion"] = {**index.get("_nanodiffusion", {}), "default_cfg": 1.0}
+    settings = {k: v for k, v in index.get("_nanodiffusion", {}).items() if k != "default_layout_cfg"}
+    index["_nanodiffusion"] = {**settings, "default_cfg": 1.0}   # one pass per step: no guidance of either kind
     index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
