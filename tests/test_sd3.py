@@ -282,3 +282,23 @@ def test_sd3_info_and_t5_choice_runs_without_it_or_is_one_clear_line(sd3_folder)
     image = pipe(PROMPT, steps=3, cfg=5.0, width=64, height=64, seed=2, sampler="euler")[0]
     ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
     assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+def test_cli_t5_flags(sd3_folder, tmp_path, capsys):
+    """`nanodiff generate --model SD3 --no-t5` = Pipeline.load(t5=False); `--t5` on a folder without T5 is one line."""
+    from PIL import Image
+
+    from nanodiffusion.cli import main
+    from nanodiffusion.pipeline import Pipeline
+
+    path, reference = sd3_folder
+    args = ["generate", PROMPT, "--model", str(path), "--steps", "2", "-W", "64", "-H", "64", "--seed", "4",
+            "--sampler", "euler", "--precision", "float32", "-o", str(tmp_path / "out.png")]
+    if reference.text_encoder_3 is None:
+        assert main([*args, "--t5"]) == 2
+        assert capsys.readouterr().err.startswith("error: tiny-sd3 has no T5 text encoder")
+        return
+    assert main([*args, "--no-t5"]) == 0
+    expected = Pipeline.load(path, precision="float32", t5=False)(PROMPT, steps=2, width=64, height=64, seed=4,
+                                                                   sampler="euler")[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), np.asarray(expected))

@@ -16,6 +16,7 @@ import time
 from datetime import date
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
@@ -284,6 +285,10 @@ def test_progress_previews_and_interrupt(slow):
     assert len(data["images"]) == 1 and info["interrupted"] is True and info["all_seeds"] == [3]
     partial = decode_png(data["images"][0])
     assert partial.size == (64, 64) and 0 < partial.getpixel((0, 0))[0] < 255   # x0 of a step, not the end
+    text = partial.info["parameters"]   # carries its settings like a finished image
+    assert text.startswith("p\nSteps: 60, Sampler: Euler, Schedule type: Uniform, CFG scale: 5")
+    assert "Seed: 3, Size: 64x64" in text
+    assert info["infotexts"] == [text]
     assert slow.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
@@ -745,3 +750,68 @@ def test_resize_modes_and_lasting_overrides(server, fake):
                                            "override_settings_restore_afterwards": False})
     assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2   # kept, as asked
     server.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+
+
+def test_mask_blur_x_and_y_blur_the_mask_like_the_web_ui():
+    """modules/processing.py (StableDiffusionProcessingImg2Img.init): cv2.GaussianBlur(mask, (k, 1), mask_blur_x)
+    then (1, k) with mask_blur_y, k = 2 * int(2.5 * blur + 0.5) + 1, mirrored edges, uint8 after each pass; mask_blur
+    (when given) sets both. scipy's gaussian_filter1d with truncate=2.5 and mode "mirror" is that same kernel."""
+    from oracles import require
+
+    from nanodiffusion.server.jobs import blur_mask, prepare_inpaint
+    from nanodiffusion.server.schema import Img2ImgRequest
+
+    gaussian = require("scipy.ndimage").gaussian_filter1d
+    mask = Image.new("L", (48, 40))
+    mask.paste(255, (12, 10, 30, 26))
+    mask.putpixel((0, 0), 255)
+
+    def reference(pixels, sigma, axis):
+        blurred = gaussian(pixels.astype(np.float64), sigma, axis=axis, truncate=2.5, mode="mirror")
+        return np.rint(blurred).clip(0, 255).astype(np.uint8)
+
+    ours = np.asarray(blur_mask(mask, 6, 2)).astype(int)
+    theirs = reference(reference(np.asarray(mask), 6, 1), 2, 0).astype(int)
+    assert np.abs(ours - theirs).max() <= 1 and ours[18, 8] > 0 and ours[4, 20] == 0   # wide across, narrow down
+    assert np.array_equal(np.asarray(blur_mask(mask, 0, 0)), np.asarray(mask))
+    image = Image.new("RGB", mask.size)
+
+    def prepared(**fields):
+        body = Img2ImgRequest(init_images=["x"], mask="x", inpainting_fill=1, **fields)
+        return np.asarray(prepare_inpaint(image, mask, body)[1])
+
+    assert np.array_equal(prepared(mask_blur_x=6, mask_blur_y=2), np.asarray(blur_mask(mask, 6, 2)))
+    assert np.array_equal(prepared(), np.asarray(blur_mask(mask, 4, 4)))   # the web UI's defaults: 4 and 4
+    assert np.array_equal(prepared(mask_blur=3, mask_blur_x=9), np.asarray(blur_mask(mask, 3, 3)))
+    assert np.array_equal(prepared(mask_blur=0), np.asarray(mask))
+
+
+def test_mask_blur_x_reaches_the_pipeline(server, fake):
+    init, mask = Image.new("RGB", (64, 64), "red"), Image.new("L", (64, 64))
+    mask.paste(255, (24, 24, 40, 40))
+    fake.calls.clear()
+    body = {"init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur_x": 8, "mask_blur_y": 0, "steps": 2,
+            "inpainting_fill": 1}
+    assert server.post("/sdapi/v1/img2img", json=body).status_code == 200
+    sent = np.asarray(fake.calls[-1]["mask"])
+    assert sent[32, 18] > 0 and sent[18, 32] == 0   # blurred across the edge, not down it
+
+
+def test_interrupted_images_carry_the_parameters_of_finished_ones(tmp_path):
+    """A Pipeline's partial image gets the very text its finished image would have had (tiny random model)."""
+    from tiny import tiny_pipeline
+
+    from nanodiffusion.server.queue import Job, Worker
+
+    pipe = tiny_pipeline()
+    call = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 3, "sampler": "DPM++ 2M",
+            "schedule": "karras", "cfg": 4.5, "seed": 11, "width": 32, "height": 32, "batch": 2, "init_image": None,
+            "strength": 0.75, "mask": None, "eta": None, "clip_skip": 1, "control_image": None, "control_scale": 1.0}
+    finished = pipe(**call)
+    job = Job(call)
+    job.interrupt = True
+    job.latest_x0 = torch.zeros(2, pipe.vae.config.latent_channels, 32 // pipe.vae_scale, 32 // pipe.vae_scale)
+    partial = Worker(pipe, tmp_path).partial(job, call)
+    assert [image.size for image in partial] == [(32, 32)] * 2
+    assert [image.info["parameters"] for image in partial] == [image.info["parameters"] for image in finished]
+    assert "Seed: 12" in partial[1].info["parameters"]

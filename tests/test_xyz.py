@@ -93,3 +93,14 @@ def test_plot_of_the_builtin_model_matches_single_generations():
     assert np.array_equal(np.asarray(cell), np.asarray(alone)), "cell (steps 1, cfg 7) differs from the same call"
     first = grid.crop((left, top, left + 64, top + 64))
     assert not np.array_equal(np.asarray(first), np.asarray(cell)), "the Y axis changed nothing"
+
+
+def test_prompt_order_axis_takes_every_order_of_its_words():
+    orders = parse_axis("prompt_order", "red, big")
+    assert orders == [("red", "big"), ("big", "red")]
+    cells = xyz_cells({"prompt": "a red ball, big", "seed": 1}, [("prompt_order", orders)])
+    assert [c["prompt"] for c in cells] == ["a red ball, big", "a big ball, red"]
+    with pytest.raises(NanoDiffusionError, match="5040 orders"):
+        parse_axis("prompt_order", "a, b, c, d, e, f, g")
+    with pytest.raises(NanoDiffusionError, match="did not find 'blue'"):
+        xyz_cells({"prompt": "a red ball"}, [("prompt_order", [("red", "blue")])])

@@ -25,6 +25,7 @@ from .errors import public_message, server_folders
 from .jobs import build_job, check_options
 from .queue import Job, QueueFull
 from .schema import ImagesResponse, Img2ImgRequest, Options, Txt2ImgRequest
+from .xyz_script import is_xyz_plot, script_job
 
 PREPARING_AT_ONCE = 2      # requests decoding images / parsing prompts at the same time
 WAIT_POLL_SECONDS = 0.05   # how often a waiting request checks its job and its client
@@ -70,9 +71,10 @@ async def submit(request: Request, body: Txt2ImgRequest, *, save: bool) -> tuple
         raise HTTPException(429, state.worker.full_message())
     if getattr(state, "preparing", None) is None:
         state.preparing = anyio.CapacityLimiter(PREPARING_AT_ONCE)
+    build = script_job if is_xyz_plot(body) else build_job
     try:
         job = await anyio.to_thread.run_sync(
-            lambda: build_job(body, state.pipeline, state.options, state.limits, save=save, styles=state.styles,
+            lambda: build(body, state.pipeline, state.options, state.limits, save=save, styles=state.styles,
                               library=state.library), limiter=state.preparing)
         if body.override_settings is not None and not body.override_settings_restore_afterwards:
             update_options(state, body.override_settings)
@@ -107,6 +109,7 @@ def info_json(job: Job, pipeline: Any, body: Txt2ImgRequest) -> str:
         "clip_skip": kwargs["clip_skip"],
         "is_using_inpainting_conditioning": kwargs["mask"] is not None and pipeline.is_inpainting_model,
         "interrupted": job.interrupt, "saved": job.saved, "version": "nanodiffusion", "warnings": job.warnings,
+        **job.details,
     })
 
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from ..sampler_names import WEB_SAMPLERS, WEB_SCHEDULERS
 from .jobs import HIRES_UPSCALERS
 from .upscale import UPSCALERS
+from .xyz_script import SCRIPT_NAME, script_info as xyz_script_info
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
@@ -76,16 +77,18 @@ def script_names(request: Request) -> list[str]:
 
 @router.get("/scripts")
 def scripts(request: Request) -> dict[str, list[str]]:
-    """Scripts by mode, as the web UI lists them."""
-    names = script_names(request)
+    """Scripts by mode, as the web UI lists them: the X/Y/Z plot (script_name) and the always-on ones."""
+    names = [SCRIPT_NAME, *script_names(request)]
     return {"txt2img": names, "img2img": names}
 
 
 @router.get("/script-info")
 def script_info(request: Request) -> list[dict[str, Any]]:
-    """Each script's description (args are the ControlNet unit dicts, see jobs.controlnet_unit)."""
-    return [{"name": name, "is_alwayson": True, "is_img2img": is_img2img, "args": []}
-            for name in script_names(request) for is_img2img in (False, True)]
+    """Each script's description: the X/Y/Z plot's script_args (xyz_script.py); the always-on ControlNet's args are
+    unit dicts (see jobs.controlnet_unit)."""
+    return [xyz_script_info(is_img2img) for is_img2img in (False, True)] + [
+        {"name": name, "is_alwayson": True, "is_img2img": is_img2img, "args": []}
+        for name in script_names(request) for is_img2img in (False, True)]
 
 
 @router.get("/cmd-flags")

@@ -137,15 +137,44 @@ def check_prompts(request: Txt2ImgRequest, pipeline: Any) -> None:
 
 
 def prepare_inpaint(image: Image.Image, mask: Image.Image, request: Img2ImgRequest) -> tuple[Image.Image, Image.Image]:
-    """Mask basics: invert, blur its edge; inpainting_fill 0 ("fill") paints the hole with its surroundings first."""
+    """Mask basics: invert, blur its edge (mask_blur, else mask_blur_x across and mask_blur_y down); inpainting_fill
+    0 ("fill") paints the hole with its surroundings first."""
     mask = mask.convert("L").resize(image.size)
     if request.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    if request.mask_blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+    blur = request.mask_blur
+    blur_x, blur_y = (request.mask_blur_x, request.mask_blur_y) if blur is None else (blur, blur)
+    mask = blur_mask(mask, blur_x, blur_y)
     if request.inpainting_fill == 0:
         image = Image.composite(fill_from_surroundings(image, mask), image.convert("RGB"), mask)
     return image, mask
+
+
+def blur_mask(mask: Image.Image, blur_x: int, blur_y: int) -> Image.Image:
+    """The web UI's mask blur (modules/processing.py, StableDiffusionProcessingImg2Img.init): a Gaussian of standard
+    deviation blur_x across, then one of blur_y down, each `cv2.GaussianBlur` with 2 * int(2.5 * blur + 0.5) + 1
+    taps and mirrored edges (BORDER_REFLECT_101), back to 8 bits after each; here in numpy, equal to OpenCV's
+    within one grey level (its 8-bit path rounds the kernel to fixed point)."""
+    pixels = np.asarray(mask.convert("L"))
+    for axis, blur in ((1, blur_x), (0, blur_y)):
+        if blur > 0:
+            pixels = np.rint(gaussian_along(pixels.astype(np.float32), blur, axis)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def gaussian_along(pixels: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """A 1-D Gaussian blur along one axis: OpenCV's kernel (getGaussianKernel) and edge rule (reflect, edge once)."""
+    radius = int(2.5 * sigma + 0.5)
+    taps = np.exp(-np.arange(-radius, radius + 1, dtype=np.float64) ** 2 / (2 * sigma**2))
+    taps = (taps / taps.sum()).astype(np.float32)
+    padding = [(0, 0), (0, 0)]
+    padding[axis] = (radius, radius)
+    padded = np.pad(pixels, padding, mode="reflect")
+    length = pixels.shape[axis]
+    out = np.zeros_like(pixels)
+    for offset, weight in enumerate(taps):
+        out += weight * np.take(padded, np.arange(offset, offset + length), axis=axis)
+    return out
 
 
 def fill_from_surroundings(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -25,7 +25,11 @@ from PIL import Image
 
 from ..errors import NanoDiffusionError
 from ..images import save_png, to_pil
-from ..pipeline import Interrupted
+from ..pipeline import Interrupted, Pipeline
+from ..prompts import format_parameters
+from ..request import GenerationRequest
+from ..sampler_names import scheduler_label
+from ..samplers import get_sampler
 from .encoding import image_to_b64
 from .errors import public_message, server_folders
 
@@ -69,6 +73,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)   # fall-backs taken (unknown sampler name, ...)
     checkpoint: Any = None  # the model_library.Checkpoint to run on (None: whatever is loaded)
     latest_x0: torch.Tensor | None = field(default=None, repr=False)  # the running call's x0 estimate
+    details: dict[str, Any] = field(default_factory=dict)   # `info` keys a script's run sets (all_seeds, ...)
 
     @property
     def progress(self) -> float:
@@ -211,7 +216,7 @@ class Worker:
                     run = self.pipeline if job.run is None else partial(job.run, self.pipeline)
                     images = run(**call, callback=self.callback(job))
                 except Interrupted:
-                    images = self.partial(job)
+                    images = self.partial(job, call)
                     if not images:
                         continue
                 job.images.extend(images)
@@ -232,12 +237,36 @@ class Worker:
         """An error message as clients may see it (server/errors.py)."""
         return public_message(message, server_folders(self.pipeline, self.outputs))
 
-    def partial(self, job: Job) -> list[Image.Image]:
+    def partial(self, job: Job, call: dict[str, Any]) -> list[Image.Image]:
         """On interrupt, the images as far as they got (the last x0 estimate, decoded), as the web UI returns
-        them; none on skip, or before the first step."""
+        them, each with its parameters text like a finished image's; none on skip, or before the first step."""
         if not job.interrupt or job.latest_x0 is None:
             return []
-        return to_pil(self.pipeline.decode(job.latest_x0))
+        images = to_pil(self.pipeline.decode(job.latest_x0))
+        for i, image in enumerate(images):
+            image.info["parameters"] = self.partial_parameters(call, i, image.size, job.run is None)
+        return images
+
+    def partial_parameters(self, call: dict[str, Any], i: int, size: tuple[int, int], own: bool) -> str:
+        """Image i's parameters text for the settings of an interrupted call: the pipeline's own text when it runs
+        the call (a Pipeline), else the web UI's main settings from the call's keywords."""
+        seed = call["seed"] + i
+        if own and isinstance(self.pipeline, Pipeline):
+            try:
+                r = GenerationRequest.from_kwargs(**call).resolved(self.pipeline)
+                return self.pipeline.parameters_text(r, i, seed, get_sampler(r.sampler).display_name, *size)
+            except NanoDiffusionError:   # the call ran with these settings, so this is not expected
+                log.exception("parameters of an interrupted image: falling back to the main settings")
+        model_hash = getattr(self.pipeline, "model_hash", "")
+        return format_parameters(call.get("prompt", ""), call.get("negative_prompt", ""), {
+            "Steps": call.get("steps"), "Sampler": call.get("sampler"),
+            "Schedule type": scheduler_label(call["schedule"]) if call.get("schedule") else None,
+            "CFG scale": f"{call['cfg']:g}" if isinstance(call.get("cfg"), (int, float)) else None, "Seed": seed,
+            "Size": "{}x{}".format(*size), "Model hash": model_hash[:10] or None,
+            "Model": getattr(self.pipeline, "name", None),
+            "Denoising strength": call.get("strength") if call.get("init_image") is not None else None,
+            "Version": "nanodiffusion",
+        })
 
     def callback(self, job: Job):
         """The pipeline callback: record the step and the x0 estimate, publish a preview of it, stop when asked."""

@@ -113,7 +113,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     resize_mode: int = 0
     denoising_strength: float = 0.75
     mask: str | None = None
-    mask_blur: int = Field(4, ge=0, le=64)
+    mask_blur: int | None = Field(None, ge=0, le=64)   # given: both of mask_blur_x and mask_blur_y, as the web UI's
+    mask_blur_x: int = Field(4, ge=0, le=64)            # Gaussian blur of the mask's edge across / down, in pixels
+    mask_blur_y: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(0, ge=0, le=3)
     inpaint_full_res: bool | int = False
     inpaint_full_res_padding: int = Field(32, ge=0, le=512)

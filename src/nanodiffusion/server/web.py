@@ -33,11 +33,11 @@ from .errors import public_message, server_folders
 from .jobs import build_job
 from .queue import Job, QueueFull, Worker
 from .schema import Img2ImgRequest
+from .xyz_script import MAX_PLOT_CELLS
 
 STATIC = Path(__file__).parent / "static"
 POLL_SECONDS = 0.04
 HEARTBEAT_SECONDS = 15.0
-MAX_PLOT_CELLS = 64
 PLOT_FIELDS = {"steps": "steps", "cfg": "cfg_scale", "sampler": "sampler_name", "schedule": "scheduler",
                "seed": "seed", "strength": "denoising_strength", "width": "width", "height": "height",
                "prompt_sr": "prompt_sr"}   # X/Y/Z axis (pipeline keyword) -> the request field it sets
