@@ -325,3 +325,48 @@ def test_sd2_single_file_prediction_is_probed(tmp_path, bias, expected):
     forced = load_checkpoint(path, prediction="epsilon")
     settle_prediction(forced)
     assert forced.info["prediction"] == "epsilon" and forced.info["prediction_from"] == "set by --prediction"
+
+
+FLUX_FILES = {   # a few real key names of each layout, on tiny tensors
+    "bfl": ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"],
+    "comfy": ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "vae.decoder.conv_in.weight"],
+    "diffusers": ["transformer_blocks.0.attn.add_q_proj.weight", "single_transformer_blocks.0.attn.to_q.weight",
+                  "x_embedder.weight"]}
+
+
+@pytest.mark.parametrize("layout", FLUX_FILES)
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_flux_file_is_one_clear_line(tmp_path, layout, suffix):
+    from nanodiffusion.pipeline import Pipeline
+
+    sd = {key: torch.zeros(2, 2) for key in FLUX_FILES[layout]}
+    path = tmp_path / f"flux1-dev{suffix}"
+    save_file(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
+    found = next(key for key in FLUX_FILES[layout] if "single_" in key or "double_" in key
+                 ).removeprefix("model.diffusion_model.")
+    for load in (load_checkpoint, Pipeline.load):
+        with pytest.raises(NanoDiffusionError, match=rf"^Flux.1 is not supported: flux1-dev{suffix} is a Flux.1 "
+                                                     rf"transformer \({found}, \.\.\.\)"):
+            load(path)
+
+
+def test_unknown_model_file_names_what_it_holds(tmp_path):
+    sd = {key: torch.zeros(2) for key in ("transformer_blocks.0.attn.add_q_proj.weight", "pos_embed.proj.weight",
+                                          "context_embedder.weight", "model.diffusion_model.joint_blocks.0.x")}
+    save_file(sd, tmp_path / "mystery.safetensors")
+    with pytest.raises(NanoDiffusionError, match=r"^unknown model file mystery.safetensors: no Stable Diffusion UNet.*"
+                                                 r"holds (transformer_blocks|pos_embed|context_embedder|joint_blocks)"
+                                                 r"(, \w+){3} \(4 tensors\)"):
+        load_checkpoint(tmp_path / "mystery.safetensors")
+
+
+@pytest.mark.parametrize("transformer, message", [("FluxTransformer2DModel", "Flux.1 is not supported: flux is a "
+                                                   "Flux.1 pipeline"),
+                                                  ("PixArtTransformer2DModel", "unknown model flux: its transformer/ "
+                                                   "is a PixArtTransformer2DModel")])
+def test_folder_with_another_transformer_is_one_clear_line(tmp_path, transformer, message):
+    (tmp_path / "flux" / "transformer").mkdir(parents=True)
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "flux" / "transformer" / "config.json").write_text(json.dumps({"_class_name": transformer}))
+    with pytest.raises(NanoDiffusionError, match="^" + message):
+        load_checkpoint(tmp_path / "flux")

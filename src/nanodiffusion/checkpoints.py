@@ -16,6 +16,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +30,7 @@ from .checkpoint_keys import (
     PROJECTION,
     REFINER_OPEN_CLIP_PREFIX,
     SDXL_OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
     count_indices,
     diffusers_to_original,
     has_prefix,
@@ -59,6 +61,9 @@ SDXL_VERSIONS = ("xl", "xl-refiner")
 # What diffusers' SDXL pipelines read from model_index.json, with their defaults per version (base, refiner).
 SDXL_FLAGS = {"force_zeros_for_empty_prompt": {"xl": True, "xl-refiner": False},
               "requires_aesthetics_score": {"xl": False, "xl-refiner": True}}
+# Flux.1's transformer blocks: BFL's names, and diffusers' (whose double blocks are "transformer_blocks", as in SD3)
+FLUX_BLOCKS = ("double_blocks.", "single_blocks.", "single_transformer_blocks.")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)   # the transformer/ folders we load: SD3 / SD3.5's MMDiT
 DIFFUSERS_VERSION = "0.30.0"
 METADATA_KEY = "nanodiffusion"   # safetensors metadata: the configs, so our own single files round-trip exactly
 
@@ -233,7 +238,10 @@ def set_prediction(ckpt: Checkpoint, prediction: str) -> None:
 def load_single_file(path: Path, keep_dtype: bool = False) -> Checkpoint:
     """An original single-file checkpoint: convert the keys, infer the configs from tensor shapes
     (or read them from our own safetensors metadata)."""
+    if sniff_format(path) == "safetensors":   # told from the header, before reading gigabytes of another model
+        check_stable_diffusion(path, header_keys(path))
     sd = load_state_dict(path, keep_dtype=keep_dtype)
+    check_stable_diffusion(path, sd)
     version = detect_version(sd)
     parts = original_to_diffusers(sd)
     saved = read_metadata(path)
@@ -242,6 +250,32 @@ def load_single_file(path: Path, keep_dtype: bool = False) -> Checkpoint:
     scheduler = saved.get("scheduler") or default
     return Checkpoint(parts, configs, scheduler, {"format": sniff_format(path), "version": version,
                                                   "inferred": not saved, **sdxl_flags(version, saved)})
+
+
+def header_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors header, without reading a tensor ([] when unreadable: loading says why)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError):
+        return []
+
+
+def check_stable_diffusion(path: Path, keys: Collection[str]) -> None:
+    """Refuse, in one line naming what the file holds, a model file that is no Stable Diffusion single file: a Flux.1
+    transformer (BFL's double_blocks / single_blocks or diffusers' single_transformer_blocks, bare or under
+    model.diffusion_model. as ComfyUI packs it), or any other file without the UNet's input_blocks."""
+    names = [key.removeprefix(UNET_PREFIX) for key in keys]
+    flux = next((name for name in names if name.startswith(FLUX_BLOCKS)), None)
+    if flux is not None:
+        raise NanoDiffusionError(f"Flux.1 is not supported: {path.name} is a Flux.1 transformer ({flux}, ...); "
+                                 "nanodiffusion runs Stable Diffusion 1.x / 2.x / XL files and SD3 folders")
+    if names and not any(key.startswith(UNET_PREFIX + "input_blocks.") for key in keys):
+        groups = list(dict.fromkeys(name.split(".")[0] for name in names))
+        held = ", ".join(groups[:5]) + (", ..." if len(groups) > 5 else "")
+        raise NanoDiffusionError(f"unknown model file {path.name}: no Stable Diffusion UNet ({UNET_PREFIX}input_blocks"
+                                 f".*); it holds {held} ({len(names)} tensors): pass an SD 1.x / 2.x / XL checkpoint "
+                                 "or a diffusers folder")
 
 
 def sdxl_flags(version: str, index: dict) -> dict:
@@ -405,6 +439,8 @@ def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
                                  "unet/config.json); pass a checkpoint file or a diffusers folder")
     parts, configs = {}, {}
     denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+    if denoiser == "transformer":
+        check_transformer(path, read_json(path / "transformer" / "config.json"))
     for name in [p for p in PARTS if p == denoiser or (path / p).is_dir() and p not in ("unet", "transformer")]:
         config = read_json(path / name / "config.json")
         configs[name] = config.get("text_config", config)
@@ -417,6 +453,18 @@ def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
     return Checkpoint(parts, configs, scheduler, {"format": "diffusers", "version": version,
                                                   **sdxl_flags(version, index)},
                       tokenizer if tokenizer.is_dir() else None, tokenizer_2 if tokenizer_2.is_dir() else None)
+
+
+def check_transformer(folder: Path, config: dict) -> None:
+    """A diffusers folder's transformer/ must be SD3's MMDiT: Flux.1's, or another, is one clear line."""
+    name = config.get("_class_name", "SD3Transformer2DModel")
+    if name.startswith("Flux"):
+        raise NanoDiffusionError(f"Flux.1 is not supported: {folder.name} is a Flux.1 pipeline (transformer/ is a "
+                                 f"{name}); nanodiffusion runs Stable Diffusion 1.x / 2.x / XL and SD3 models")
+    if name not in TRANSFORMER_CLASSES:
+        raise NanoDiffusionError(f"unknown model {folder.name}: its transformer/ is a {name}, not SD3's "
+                                 f"{TRANSFORMER_CLASSES[0]}; nanodiffusion runs Stable Diffusion 1.x / 2.x / XL and "
+                                 "SD3 models")
 
 
 def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:

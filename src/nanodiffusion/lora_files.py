@@ -2,14 +2,18 @@
 
 Two layouts are in circulation:
 - kohya-ss (sd-scripts, the popular web UI): `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-  and `lora_te_<path>...` for the text encoder, where <path> is the module path with '.' -> '_'; scale =
+  and `lora_te_<path>...` for the text encoder (SDXL: `lora_te1_` for CLIP ViT-L, `lora_te2_` for OpenCLIP bigG),
+  where <path> is the module path with '.' -> '_'; scale =
   alpha / rank (alpha = rank when absent). The '_'-joined names are ambiguous, so they are resolved against
   the model's own module names, never guessed. Names in the original SD UNet layout (`input_blocks_1_1_...`)
-  go through checkpoint_keys' UNet table. Training metadata lives in the safetensors header (`ss_*` strings).
+  (SD 1.x, and every kohya SDXL file) go through checkpoint_keys' UNet table. Training metadata lives in the
+  safetensors header (`ss_*` strings).
 - diffusers / PEFT: `unet.<path>.lora_A.weight` / `.lora_B.weight` (scale from the `lora_adapter_metadata`
   header, else 1), older `<path>.lora.down.weight` / `.lora.up.weight`, attention processors
-  (`attn1.processor.to_q_lora.down.weight`), `text_encoder.` for the text encoder.
-Either way a file becomes a models.lora.LoRANetwork, and we save in the kohya layout.
+  (`attn1.processor.to_q_lora.down.weight`), `text_encoder.` / `text_encoder_2.` for the text encoders.
+Either way a file becomes a models.lora.LoRANetwork, and we save in the kohya layout. A LoRA made for another base
+model than the one loaded (SDXL vs SD 1.x / 2.x) is told apart before its layers are matched: SDXL's second text
+encoder, the cross-attention width, else kohya's ss_base_model_version.
 """
 
 from __future__ import annotations
@@ -27,21 +31,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint_keys import TEXT_MODEL, UNetLayout, unet_table
+from .checkpoint_keys import PROJECTION, TEXT_MODEL, UNetLayout, unet_table
 from .checkpoints import load_state_dict, sniff_format
 from .errors import NanoDiffusionError
 from .models.lora import PREFIXES, LoRANetwork, kohya_name
 
-KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+               "lora_te2_": "text_encoder_2"}
 KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 DIFFUSERS_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
                    "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
                    "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 PROCESSOR_LAYERS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+                    "text_encoder": TEXT_PROCESSOR, "text_encoder_2": TEXT_PROCESSOR}
 PEFT_METADATA = "lora_adapter_metadata"
 BASES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}   # text / cross-attention widths
+# kohya's ss_base_model_version ("sd_v1", "sd_v2_768_v", "sdxl_base_v1-0", "sd3", "flux1") by prefix
+KOHYA_BASES = {"sdxl": "SDXL", "sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sd3": "SD3", "flux": "Flux.1"}
+CROSS_ATTENTION = re.compile(r"attn2[._]to_k$")   # the cross-attention key layer: its input width is the context's
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG_OPEN = "<lora:"
 MAX_WEIGHT = 10.0   # |weight| of a LoRA: far beyond what any LoRA is used with, far from overflowing float32
@@ -59,10 +68,12 @@ class FileLayer:
 
 # ---- Reading ----
 
-def load_lora(path: str | Path, models: Mapping[str, nn.Module]) -> LoRANetwork:
-    """A kohya or diffusers / PEFT LoRA file resolved against models {"unet": ..., "text_encoder": ...};
+def load_lora(path: str | Path, models: Mapping[str, nn.Module | None]) -> LoRANetwork:
+    """A kohya or diffusers / PEFT LoRA file resolved against models {"unet": ..., "text_encoder": ...[,
+    "text_encoder_2": ...]} (None entries, such as the SDXL refiner's missing first text encoder, are skipped);
     call .apply_unmerged(weight) or .merge(weight) on the result."""
     path = Path(path)
+    models = {part: model for part, model in models.items() if model is not None}
     sd = load_state_dict(path)
     if any(key.startswith("lora_") for key in sd):
         layers = kohya_layers(sd, models)
@@ -71,7 +82,9 @@ def load_lora(path: str | Path, models: Mapping[str, nn.Module]) -> LoRANetwork:
     else:
         raise NanoDiffusionError(f"{path}: not a LoRA file (no lora_down / lora_up or lora_A / lora_B keys; it has "
                                  f"{', '.join(sorted(sd)[:3])}, ...); pass a kohya or diffusers LoRA .safetensors")
-    return build_network(path, layers, models, peft_alphas(path))
+    metadata = read_metadata(path) if sniff_format(path) == "safetensors" else {}
+    check_base(path, lora_base(layers, metadata), models)
+    return build_network(path, layers, models, peft_alphas(metadata))
 
 
 def kohya_layers(sd: dict[str, Tensor], models: Mapping[str, nn.Module]) -> list[FileLayer]:
@@ -130,7 +143,7 @@ def diffusers_key(key: str) -> tuple[str, str, str]:
     part, _, rest = key.partition(".")
     if part not in PROCESSOR_LAYERS:
         part, rest = ("text_encoder" if key.startswith((TEXT_MODEL, "encoder.layers.")) else "unet"), key
-    if part == "text_encoder":   # transformers 5 saves the text encoder without "text_model."
+    if part != "unet" and not rest.startswith(PROJECTION):   # transformers 5 saves without "text_model."
         rest = TEXT_MODEL + rest.removeprefix(TEXT_MODEL)
     processor = PROCESSOR.match(rest)
     if processor:
@@ -142,11 +155,9 @@ def diffusers_key(key: str) -> tuple[str, str, str]:
     raise NanoDiffusionError(f"unsupported LoRA key {key!r}: expected lora_A / lora_B, lora.down / lora.up or alpha")
 
 
-def peft_alphas(path: Path) -> dict[str, dict]:
+def peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict]:
     """PEFT's lora_alpha / alpha_pattern per part from the diffusers safetensors header ({} when absent)."""
-    if sniff_format(path) != "safetensors":
-        return {}
-    text = read_metadata(path).get(PEFT_METADATA)
+    text = metadata.get(PEFT_METADATA)
     found: dict[str, dict] = {}
     for key, value in (json.loads(text) if text else {}).items():
         part, _, name = key.partition(".")
@@ -163,6 +174,42 @@ def layer_alpha(layer: FileLayer, peft: dict[str, dict], rank: int) -> float:
         if layer.path == pattern or layer.path.endswith("." + pattern):
             return float(alpha)
     return float(config.get("lora_alpha", rank))
+
+
+def lora_base(layers: list[FileLayer], metadata: Mapping[str, str]) -> str | None:
+    """The base model a LoRA was made for: SDXL when it adapts a second text encoder, else the one its cross-attention
+    width names (BASES), else kohya's ss_base_model_version; None when nothing tells."""
+    if any(layer.part == "text_encoder_2" or layer.key.startswith("lora_te2_") for layer in layers):
+        return "SDXL"
+    widths = [layer.tensors["down"].shape[1] for layer in layers
+              if "down" in layer.tensors and CROSS_ATTENTION.search(layer.path or layer.key)]
+    if widths and widths[0] in BASES:
+        return BASES[widths[0]]
+    version = metadata.get("ss_base_model_version", "")
+    return next((base for prefix, base in KOHYA_BASES.items() if version.startswith(prefix)), None)
+
+
+def model_base(models: Mapping[str, nn.Module]) -> str | None:
+    """The loaded model's base: "SDXL" with a second text encoder, else the BASES name of its cross-attention width,
+    "" for other widths (an SD-shaped UNet with one text encoder); None for other networks (SD3's MMDiT, ...)."""
+    unet = models.get("unet")
+    widths = [m.in_features for path, m in unet.named_modules()
+              if CROSS_ATTENTION.search(path) and isinstance(m, nn.Linear)] if unet is not None else []
+    if not widths:
+        return None
+    return "SDXL" if "text_encoder_2" in models else BASES.get(widths[0], "")
+
+
+def check_base(path: Path, made_for: str | None, models: Mapping[str, nn.Module]) -> None:
+    """Refuse, in one line naming both, a LoRA made for another base model than the loaded one (an SDXL LoRA on an
+    SD 1.x model, an SD 1.5 LoRA on SDXL); a model of another width is told apart from SDXL by its text encoders."""
+    loaded = model_base(models)
+    if made_for is None or loaded is None:
+        return
+    if made_for != loaded if loaded else made_for == "SDXL":
+        model = loaded or "an SD 1.x / 2.x-style model (one text encoder)"
+        raise NanoDiffusionError(f"{path.name}: this LoRA was made for {made_for}, but the loaded model is {model}; "
+                                 "load it with a model of its own base, or pick a LoRA made for this model")
 
 
 def build_network(path: Path, layers: list[FileLayer], models: Mapping[str, nn.Module],
@@ -244,7 +291,7 @@ def training_metadata(network: LoRANetwork, base_model_version: str, extra: Mapp
     fields = {"ss_network_module": "networks.lora", "ss_network_dim": linear[0], "ss_network_alpha": linear[1],
               "ss_network_args": json.dumps({"conv_dim": str(conv[0]), "conv_alpha": str(conv[1])} if conv else {}),
               "ss_base_model_version": base_model_version, "ss_v2": base_model_version.startswith("sd_v2"),
-              "ss_text_encoder_lr_used": any(name.startswith(PREFIXES["text_encoder"]) for name in network.targets)}
+              "ss_text_encoder_lr_used": any(not name.startswith(PREFIXES["unet"]) for name in network.targets)}
     fields.update(extra)
     return {key: value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list))
             else str(value) for key, value in fields.items()}

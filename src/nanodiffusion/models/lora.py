@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import NanoDiffusionError
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
 
 

@@ -53,6 +53,8 @@ class LoRAObjective(nn.Module):
 
 def base_model_version(pipe: Pipeline) -> str:
     """kohya's ss_base_model_version for the pipeline's text encoder ("nanodiffusion" for the built-in model)."""
+    if pipe.is_sdxl:
+        return "sdxl_base_v1-0"
     return BASE_VERSIONS.get(pipe.text_encoder.config.hidden_size, "nanodiffusion")
 
 
