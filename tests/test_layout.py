@@ -178,3 +178,89 @@ def test_controlnet_style_fine_tuning_draws_the_map_from_the_caption():
              "input_ids": pipe.tokenizer(["a red circle", "a blue square"]), "scaling_factor": torch.ones(2)}
     objective(batch)[0].backward()
     assert unet.conv_in.weight.grad[:, 4:].abs().sum() > 0
+
+
+def layout_pipeline():
+    """The tiny pipeline with a random layout stage and a UNet that reads its map."""
+    from tests.tiny import tiny_pipeline
+
+    from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(1)
+    context_dim = pipe.text_encoder.config.hidden_size
+    pipe.layout = LayoutModel(LayoutConfig.from_dict({**TINY.__dict__, "context_dim": context_dim})).eval()
+    pipe.unet = UNet2DConditionModel(UNetConfig.tiny(sample_size=16, in_channels=4 + TINY.map_channels,
+                                                     cross_attention_dim=context_dim)).eval()
+    return pipe
+
+
+def test_layout_guidance_is_instructpix2pix_two_condition_guidance():
+    """layout_cfg s_L and cfg s_T: x0 = D(u) + s_L (D(map) - D(u)) + s_T (D(map, text) - D(map)), where D(map) reads
+    the prompt's slot map beside the negative prompt's text states; layout_cfg = cfg is plain CFG."""
+    pipe = layout_pipeline()
+    calls = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, context: calls.append((x.clone(), context.clone())) or forward(x, t, context)
+    kwargs = dict(steps=1, sampler="euler", seed=5, width=64, height=64)
+    plain = pipe("a red circle above a blue square", cfg=3.0, **kwargs)[0]
+    assert pipe("a red circle above a blue square", cfg=3.0, layout_cfg=3.0, **kwargs)[0].tobytes() == plain.tobytes()
+    calls.clear()
+    guided = pipe("a red circle above a blue square", cfg=5.0, layout_cfg=2.0, **kwargs)[0]
+    (x, context), = calls
+    uncond, cond, map_only = x.chunk(3)
+    assert torch.equal(cond[:, 4:], map_only[:, 4:]) and uncond[:, 4:].abs().max() == 0
+    assert torch.equal(context.chunk(3)[2], context.chunk(3)[0])   # the map-only branch reads the negative's text
+    assert guided.tobytes() != plain.tobytes()
+    assert "Layout CFG scale: 2" in guided.info["parameters"]
+
+
+def test_layout_guidance_combines_the_three_branches_as_instructpix2pix():
+    """cfg_denoiser over LayoutGuidance = D(u) + s_L (D(map) - D(u)) + s_T (D(map, text) - D(map)) exactly."""
+    from nanodiffusion.guidance import LayoutGuidance, as_schedule, cfg_denoiser
+
+    def denoiser(x, sigma, context, layout):   # a nonlinear stand-in for D(x, sigma; text, map)
+        return torch.tanh(x * context.mean((1, 2), keepdim=True)[..., None] + layout.sum(1, keepdim=True) * sigma)
+
+    x = torch.randn(2, 4, 8, 8)
+    text, negative, slot_map = torch.randn(2, 5, 6), torch.randn(2, 5, 6), torch.randn(2, 3, 8, 8)
+    cond, uncond = {"context": text, "layout": slot_map}, {"context": negative, "layout": torch.zeros_like(slot_map)}
+    s_text, s_map = 5.0, 2.0
+    guided = cfg_denoiser(denoiser, LayoutGuidance(as_schedule(cond), as_schedule(uncond), (s_map - s_text) / s_text),
+                          uncond, s_text, sigmas=torch.tensor([1.0, 0.0]))(x, 0.7)
+    d_u, d_m, d_f = (denoiser(x, 0.7, **inputs) for inputs in (uncond, {**cond, "context": negative}, cond))
+    torch.testing.assert_close(guided, d_u + s_map * (d_m - d_u) + s_text * (d_f - d_m), atol=1e-5, rtol=1e-5)
+
+
+def test_layout_cfg_on_a_model_without_a_layout_stage_is_one_line():
+    import pytest
+
+    from tests.tiny import tiny_pipeline
+
+    from nanodiffusion.errors import NanoDiffusionError
+
+    with pytest.raises(NanoDiffusionError, match="layout_cfg is for a model with a layout stage"):
+        tiny_pipeline()("a cat", steps=1, layout_cfg=2.0)
+
+
+def test_map_only_rows_read_the_map_beside_the_empty_prompt():
+    """Stage 2's map_only_prob: captioned rows keep their slot map (from their caption) while the UNet reads the
+    empty prompt's text states, so the model learns D(map) for LayoutGuidance."""
+    from nanodiffusion.train.diffusion import DiffusionObjective
+
+    pipe = layout_pipeline()
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, context: seen.append((x, context)) or forward(x, t, context)
+    objective = DiffusionObjective(pipe.unet, pipe.text_encoder, pipe.schedule.alphas_cumprod,
+                                   pipe.tokenizer([""])[0], uncond_prob=0.0, layout=pipe.layout, map_only_prob=1.0)
+    ids = pipe.tokenizer(["a red circle", "a blue square above a red circle"])
+    boxes = torch.tensor([[[1.0, 0.5, 0.5, 0.2]] + [[0.0] * 4] * 3, [[1.0, 0.5, 0.3, 0.1], [1.0, 0.5, 0.7, 0.1]]
+                          + [[0.0] * 4] * 2])
+    batch = {"mean": torch.randn(2, 4, 16, 16), "std": torch.full((2, 4, 16, 16), 0.1), "input_ids": ids,
+             "scaling_factor": torch.ones(2), "boxes": boxes, "labels": torch.full((2, 4, 2), -1)}
+    loss, _ = objective(batch)
+    (x, context), = seen
+    empty = pipe.text_encoder(pipe.tokenizer([""]))
+    assert torch.allclose(context, empty.expand_as(context)) and x[:, 4:].abs().amax((1, 2, 3)).min() > 0
+    assert loss.isfinite()

@@ -89,13 +89,14 @@ BUILTIN_SCHEDULER = {
     "clip_sample": False,
 }
 
-# Guidance scales the shipped model is tuned for on the validation split (docs/builtin.md), read by the loader as
-# the defaults of --cfg (the text's) and --layout-cfg (the slot map's: guidance.LayoutGuidance).
+# Guidance scale the shipped model is tuned for on the validation split (docs/builtin.md), read by the loader as
+# the default --cfg. Layout guidance (--layout-cfg, guidance.LayoutGuidance) is off by default: on the validation
+# split it did not beat plain CFG (docs/builtin.md, experiment I).
 BUILTIN_CFG = 3.0
-BUILTIN_LAYOUT_CFG = 3.0
 # Captioned training images whose UNet reads the slot map beside the empty prompt's text states, so the model also
-# learns D(map), the middle term of LayoutGuidance (InstructPix2Pix trains its image-only branch the same way).
-MAP_ONLY_PROB = 0.25
+# learns D(map), the middle term of LayoutGuidance (InstructPix2Pix trains its image-only branch the same way). Off
+# in the recipe: the model trained without it guides as well (docs/builtin.md, experiment H); --map-only-prob.
+MAP_ONLY_PROB = 0.0
 
 # Training settings of the two stages (also the defaults of `nanodiff train vae` / `diffusion`).
 # The UNet trains in fp32: on the CPU it was measured faster than under bf16 autocast.
@@ -110,8 +111,7 @@ LAYOUT_RECIPE = {"steps": 2000, "batch_size": 512, "lr": 1e-3, "warmup": 100, "m
 def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                           tokenizer: object, scheduler: dict, dtype: torch.dtype = torch.float32,
                           name: str = "model", layout: nn.Module | None = None,
-                          default_cfg: float = BUILTIN_CFG, default_layout_cfg: float | None = BUILTIN_LAYOUT_CFG
-                          ) -> Path:
+                          default_cfg: float = BUILTIN_CFG, default_layout_cfg: float | None = None) -> Path:
     """A diffusers-style folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and
     layout/ for a model with a layout stage."""
     folder = Path(folder)
@@ -129,8 +129,7 @@ def write_pipeline_folder(folder: Path, unet: nn.Module, vae: nn.Module, text_en
         "_class_name": "StableDiffusionPipeline",
         "_nanodiffusion": {"name": name, "default_size": vae.config.sample_size,
                            "default_cfg": default_cfg,
-                           **({"default_layout_cfg": default_layout_cfg} if layout is not None
-                              and default_layout_cfg is not None else {})},
+                           **({"default_layout_cfg": default_layout_cfg} if default_layout_cfg is not None else {})},
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
