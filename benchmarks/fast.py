@@ -40,7 +40,7 @@ from nanodiffusion.evaluate import evaluate_folder
 from nanodiffusion.evaluate_model import generate_prompt_images
 from nanodiffusion.fast import FastOptions
 from nanodiffusion.fast.tome import token_merging
-from nanodiffusion.models.resnet import PackedWeight
+from nanodiffusion.packing import PackedWeight
 from nanodiffusion.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

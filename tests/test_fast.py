@@ -1,6 +1,7 @@
 """The approximate fast paths (nanodiffusion.fast) and half-precision weight storage on tiny models."""
 
 import argparse
+import copy
 import random
 
 import numpy as np
@@ -48,13 +49,14 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 def test_options_off_by_default_and_each_leaves_the_exact_path_untouched(pipe):
     assert not FastOptions().enabled and FastOptions.preset().enabled
+    hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.unet.modules()]
     exact = generate(pipe)
     for options in (FastOptions(deepcache=3), FastOptions(tome=0.5), FastOptions(cfg_cutoff=0.5)):
         assert options.enabled
         assert not np.array_equal(generate(pipe, options), exact)
         assert np.array_equal(generate(pipe), exact)   # nothing installed on the UNet is left behind
-    assert pipe.unet.deep_cache is None
-    assert all(getattr(m, "token_merge", None) is None for m in pipe.unet.modules())
+    assert "forward" not in vars(pipe.unet)   # the DeepCache wrapper is gone
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.unet.modules()] == hooks   # ToMe's
 
 
 @pytest.mark.parametrize("options", [FastOptions(deepcache=2), FastOptions(tome=0.25), FastOptions(cfg_cutoff=0.8)])
@@ -199,14 +201,19 @@ def test_released_pages_read_back_from_the_file_and_anonymous_memory_is_left_alo
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
 def test_packed_weights_survive_a_batch_change_and_stay_exact():
-    from nanodiffusion.models.resnet import Conv2d, _packed
+    from nanodiffusion.packing import PackedConv2d, packed_layers
 
-    conv = Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    plain = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
+        exact = plain(x[:1])
+        conv = packed_layers(torch.nn.Sequential(plain))[0]
+        assert conv is plain and isinstance(conv, PackedConv2d) and list(conv.state_dict()) == ["weight", "bias"]
         conv(x)
-        packed = _packed[conv][1]
+        packed = conv.packed[1]
         one = conv(x[:1])   # guidance dropped: batch 2 -> 1
-        assert _packed[conv][1] is packed
-        _packed.pop(conv)
+        assert conv.packed[1] is packed
+        conv.packed = None
         assert torch.equal(one, conv(x[:1]))
+        torch.testing.assert_close(one, exact)
+        assert copy.deepcopy(conv).packed is None   # a copy packs its own weight

@@ -6,7 +6,6 @@ import torch
 
 from nanodiffusion import precision
 from nanodiffusion.errors import NanoDiffusionError
-from nanodiffusion.models import resnet
 from nanodiffusion.pipeline import Pipeline
 from nanodiffusion.precision import compute_in, default_precision, precision_dtype
 from tiny import tiny_pipeline
@@ -14,7 +13,7 @@ from tiny import tiny_pipeline
 
 def packed_dtype(layer: torch.nn.Module) -> torch.dtype:
     """The dtype a layer's oneDNN-packed weight was made for."""
-    return resnet._packed[layer][0][2]
+    return layer.packed[0][2]
 
 
 def test_bfloat16_unet_keeps_norms_time_embedding_and_output_in_float32():

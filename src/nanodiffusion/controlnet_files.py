@@ -34,6 +34,7 @@ from .checkpoints import (
 )
 from .errors import NanoDiffusionError
 from .models.controlnet import ControlNetConfig, ControlNetModel
+from .packing import packed_layers
 
 ORIGINAL_PREFIX = "control_model."
 ENCODER = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
@@ -128,7 +129,7 @@ def load_controlnet(path: str | Path) -> ControlNetModel:
         config = read_metadata(path).get("controlnet") or infer_controlnet_config(sd)
     model = ControlNetModel(ControlNetConfig.from_dict(config))
     load_into(model, sd, "ControlNet")
-    return model.eval()
+    return packed_layers(model.eval())   # the CPU fast path, as the loader gives the UNet (packing.py)
 
 
 def save_controlnet(model: ControlNetModel, path: str | Path) -> None:

@@ -2,11 +2,11 @@
 
 bfloat16 keeps float32's exponent with an 8-bit significand; CPUs with AVX512-BF16 (or AMX) multiply it at 2-4x
 the float32 rate. `compute_in(model, bfloat16)` packs a network's convolution and linear weights in bfloat16
-(storage.py) and casts its inputs, so activations flow in bfloat16 through convolutions, matmuls and attention, while
-what SD needs in float32 stays there: group / layer norm parameters and statistics (PyTorch accumulates the
-statistics of bfloat16 inputs in float32), the attention softmax (accumulated in float32 by the CPU SDPA
-kernel), the timestep embedding (sinusoid and MLP; `keep`), the sampler arithmetic (the network output is cast
-back to float32). The measured cost is in docs/performance.md.
+(packing.py, by storage.pack_weights) and casts its inputs, so activations flow in bfloat16 through convolutions,
+matmuls and attention, while what SD needs in float32 stays there: group / layer norm parameters and statistics
+(PyTorch accumulates the statistics of bfloat16 inputs in float32), the attention softmax (accumulated in float32
+by the CPU SDPA kernel), the timestep embedding (sinusoid and MLP; `keep`), the sampler arithmetic (the network
+output is cast back to float32). The measured cost is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ FLOAT32_INPUTS = ("timestep", "time_ids")   # embedded by sinusoids: sizes like 
 @torch.no_grad()
 def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
                keep_args: tuple[int, ...] = ()) -> nn.Module:
-    """Run `model` in `dtype`: its Conv2d / Linear layers compute with weights packed in dtype (but under the
-    submodules named in `keep`: float32; storage.pack_weights), its floating inputs are cast to dtype on the way
-    in (but positional arguments `keep_args`, e.g. the timestep) and its output back to float32 on the way out.
+    """Run `model` in `dtype`: its Conv2d / Linear layers become packed layers computing with weights packed in
+    dtype (but under the submodules named in `keep`: float32; storage.pack_weights), its floating inputs are cast
+    to dtype on the way in (but positional arguments `keep_args`, e.g. the timestep) and its output back to float32
+    on the way out.
     The stored weights stay as loaded. float32 only packs the weights."""
     pack_weights(model, dtype, keep)
     if dtype == torch.float32:

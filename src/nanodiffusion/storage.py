@@ -3,11 +3,12 @@
 A float32 safetensors checkpoint is used in place: its tensors are views of the memory-mapped file, so loading
 copies nothing (store_weights). Half-precision storage (float16 / bfloat16: half the memory, for SD 1.5's UNet
 3.4 GB -> 1.7 GB) converts each weight once while loading, one tensor at a time, handing the file pages it was
-read from back to the kernel at once (release_pages), so loading never holds two copies. Each Conv2d / Linear
-computes with a copy of its weight in oneDNN's blocked layout and the compute dtype (models/resnet.py,
-PackedWeight); pack_weights makes those copies while the model loads, not on the first call, and hands the
-plain weight's file pages back: what stays in memory is the packed copy (the plain weight is read back from the
-file if it is ever used, e.g. by training or a merged LoRA). Norms, biases and embeddings stay float32.
+read from back to the kernel at once (release_pages), so loading never holds two copies. The model's Conv2d /
+Linear layers become packed layers (packing.py), which compute in their input's dtype with a copy of their
+weight in oneDNN's blocked layout; pack_weights makes those copies while the model loads, not on the first call,
+and hands the plain weight's file pages back: what stays in memory is the packed copy (the plain weight is read
+back from the file if it is ever used, e.g. by training or a merged LoRA). Norms, biases and embeddings stay
+float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import choice_error
-from .models.resnet import PackedWeight
+from .packing import PackedWeight, packed_layers
 
 WEIGHT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -39,9 +40,11 @@ def weights_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 @torch.no_grad()
 def store_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the weight of every Conv2d / Linear layer (our PackedWeight layers) in `dtype` and every other
-    floating-point parameter in float32: tensors already in their dtype stay where they are (a file mapping too),
-    others are converted one by one, releasing the file pages they were read from."""
+    """Store the weight of every Conv2d / Linear layer in `dtype` and every other floating-point parameter in
+    float32: tensors already in their dtype stay where they are (a file mapping too), others are converted one by
+    one, releasing the file pages they were read from. The layers become packed layers (packing.packed_layers),
+    which compute in their input's dtype whatever their weight's."""
+    packed_layers(model)
     spans = file_mappings()
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -55,9 +58,10 @@ def store_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 @torch.no_grad()
 def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (), repack: bool = True
                  ) -> nn.Module:
-    """Pack every Conv2d / Linear weight (PackedWeight) for computing in `dtype` (float32 under the submodules
-    named in `keep`; with repack False, only layers not packed yet) and release the plain weights' file pages.
-    No-op without oneDNN."""
+    """Make every Conv2d / Linear a packed layer (packing.packed_layers) and pack its weight now for computing in
+    `dtype` (float32 under the submodules named in `keep`; with repack False, only layers not packed yet), then
+    release the plain weights' file pages. Packing itself is skipped without oneDNN."""
+    packed_layers(model)
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
         return model
     kept = {id(m) for name in keep if hasattr(model, name) for m in model.get_submodule(name).modules()}

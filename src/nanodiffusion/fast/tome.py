@@ -5,16 +5,23 @@ into similar ones by bipartite soft matching (Bolya et al. 2023, ToMe §3): one 
 random, is a destination; every other token (a source) finds its most cosine-similar destination; the r sources
 with the most similar matches are averaged into their destinations. Attention runs on the N - r tokens left,
 and its output is unmerged: every merged source takes its destination's output (ToMe for SD §3.2-3.4).
+
+The model stays as it is: token_merging installs forward hooks on the top level's spatial transformers (their
+feature map's size), transformer blocks (the matching from the block's input tokens) and self-attentions (merge
+their input, unmerge their output), removed when the block ends.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..models.attention import TokenMerging, Transformer2DModel
+from ..models.attention import Transformer2DModel
+
+TokenMerging = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]  # (merge, unmerge) of a token set
 
 
 def bipartite_merging(x: Tensor, size: torch.Size, ratio: float, generator: torch.Generator) -> TokenMerging:
@@ -71,16 +78,47 @@ def top_level_transformers(unet: nn.Module) -> list[Transformer2DModel]:
     return []
 
 
+class MergingHooks:
+    """The forward hooks token_merging installs, and what they pass along: the size of the feature map the current
+    spatial transformer runs on, and the current block's (merge, unmerge)."""
+
+    def __init__(self, ratio: float, generator: torch.Generator):
+        self.ratio, self.generator = ratio, generator
+        self.size: torch.Size | None = None
+        self.merging: TokenMerging | None = None
+
+    def remember_size(self, transformer: nn.Module, args: tuple) -> None:
+        """Pre-hook of a spatial transformer: its input's (H, W)."""
+        self.size = args[0].shape[-2:]
+
+    def match(self, block: nn.Module, args: tuple) -> None:
+        """Pre-hook of a transformer block: the bipartite matching of its input tokens."""
+        self.merging = bipartite_merging(args[0], self.size, self.ratio, self.generator)
+
+    def merge(self, attention: nn.Module, args: tuple) -> tuple:
+        """Pre-hook of a self-attention: its input tokens merged."""
+        return (self.merging[0](args[0]), *args[1:])
+
+    def unmerge(self, attention: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Forward hook of a self-attention: its output back on every token."""
+        return self.merging[1](output)
+
+
 @contextmanager
 def token_merging(unet: nn.Module, ratio: float, seed: int = 0):
     """Merge `ratio` of the tokens before the top level's self-attentions while in the block; the random
     destinations come from a generator seeded with `seed`, so a generation stays reproducible."""
-    generator = torch.Generator().manual_seed(seed)
+    hooks = MergingHooks(ratio, torch.Generator().manual_seed(seed))
     transformers = top_level_transformers(unet)
+    handles = []
     for module in transformers:
-        module.token_merge = lambda x, size: bipartite_merging(x, size, ratio, generator)
+        handles.append(module.register_forward_pre_hook(hooks.remember_size))
+        for block in module.transformer_blocks:
+            handles += [block.register_forward_pre_hook(hooks.match),   # the attention's own hooks see merged tokens
+                        block.attn1.register_forward_pre_hook(hooks.merge, prepend=True),
+                        block.attn1.register_forward_hook(hooks.unmerge)]
     try:
         yield transformers
     finally:
-        for module in transformers:
-            del module.token_merge
+        for handle in handles:
+            handle.remove()

@@ -6,15 +6,9 @@ Attribute names follow diffusers (to_q, to_k, to_v, to_out.0, ff.net.0.proj, pro
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .resnet import Conv2d, Linear
-
-TokenMerging = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]  # (merge, unmerge) of a token set
 
 
 class Attention(nn.Module):
@@ -26,13 +20,13 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.upcast = heads, upcast
-        self.to_q = Linear(query_dim, inner, bias=bias)
-        self.to_k = Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_v = Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([Linear(inner, query_dim)])
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
-    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-        """Attention output projected back to query_dim, plus `residual` when given (added inside to_out)."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Attention output projected back to query_dim."""
         context = x if context is None else context
         b, n, _ = x.shape
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
@@ -41,7 +35,7 @@ class Attention(nn.Module):
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v).to(dtype)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1), residual)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
 
 
 class GEGLU(nn.Module):
@@ -49,7 +43,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: Tensor) -> Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -61,12 +55,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The feed-forward output, plus `residual` when given (added inside the last projection)."""
-        geglu, dropout, out = self.net
-        return out(dropout(geglu(x)), residual)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -84,34 +76,26 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor, merging: TokenMerging | None = None) -> Tensor:
-        """`merging` (merge, unmerge), when given, runs the first attention on merged tokens (ToMe)."""
-        if merging is None:
-            x = self.attn1(self.norm1(x), context if self.only_cross else None, residual=x)
-        else:
-            merge, unmerge = merging
-            x = x + unmerge(self.attn1(merge(self.norm1(x)), context if self.only_cross else None))
-        x = self.attn2(self.norm2(x), context, residual=x)
-        return self.ff(self.norm3(x), residual=x)
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 class Transformer2DModel(nn.Module):
     """Spatial transformer: GroupNorm, project in (1x1 conv, or linear on tokens), transformer blocks over the
-    H*W tokens, project out, plus the input (LDM §3.3). `token_merge`, when set (nanodiffusion.fast.tome), maps
-    (tokens, (H, W)) to the (merge, unmerge) pair each block's self-attention then uses (ToMe for SD)."""
-
-    token_merge: Callable[[Tensor, torch.Size], TokenMerging] | None = None
+    H*W tokens, project out, plus the input (LDM §3.3)."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, depth: int = 1,
                  linear: bool = False, only_cross: bool = False, upcast: bool = False):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = Linear(channels, channels) if linear else Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, channels // heads, context_dim, only_cross, upcast)
             for _ in range(depth))
-        self.proj_out = Linear(channels, channels) if linear else Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.norm(x)
@@ -121,10 +105,13 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, None if self.token_merge is None else self.token_merge(h, x.shape[-2:]))
+            h = block(h, context)
         if self.linear:
-            return from_tokens(self.proj_out(h, to_tokens(x)), x.shape[-2:])
-        return self.proj_out(from_tokens(h, x.shape[-2:]), x)
+            h = self.proj_out(h)
+        h = from_tokens(h, x.shape[-2:])
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
 
 
 def to_tokens(x: Tensor) -> Tensor:

@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NanoDiffusionError, choice_error
-from .resnet import Linear
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # the merges OpenAI's vocabulary uses: 49408 ids = 2 * 256 bytes + merges + 2 specials
@@ -240,8 +239,8 @@ class CLIPAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         d = config.hidden_size
-        self.q_proj, self.k_proj, self.v_proj = Linear(d, d), Linear(d, d), Linear(d, d)
-        self.out_proj = Linear(d, d)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -259,8 +258,8 @@ class CLIPMLP(nn.Module):
         if config.hidden_act not in ACTIVATIONS:
             raise choice_error("CLIP hidden_act", config.hidden_act, list(ACTIVATIONS))
         self.act = ACTIVATIONS[config.hidden_act]
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -356,7 +355,7 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__(config)
-        self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def text_embeds(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The projected pooled output [B, projection_dim] from the last layer's (unnormed) output."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import BasicTransformerBlock
-from .resnet import Linear, TimestepEmbedding, timestep_embedding
+from .resnet import TimestepEmbedding, timestep_embedding
 
 # Boxes in image fractions (presence in {0, 1}, centre x, centre y, half side) <-> the unit-scale vectors the
 # flow model works on: presence -> +-1, centres -> [-1, 1], half sides around the shapes' typical size.
@@ -84,14 +84,14 @@ class LayoutModel(nn.Module):
         self.slot_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, dim // heads, config.context_dim)
                                          for _ in range(config.slot_layers))
         self.slot_norm = nn.LayerNorm(dim)
-        self.box_in = Linear(4, dim)
+        self.box_in = nn.Linear(4, dim)
         self.time_embedding = TimestepEmbedding(dim, dim)
         self.box_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, dim // heads, config.context_dim)
                                         for _ in range(config.box_layers))
         self.box_norm = nn.LayerNorm(dim)
-        self.box_out = Linear(dim, 4)
-        self.slot_heads = nn.ModuleList(Linear(dim, n) for n in config.slot_classes)
-        self.map_proj = Linear(sum(config.slot_classes), config.map_channels)
+        self.box_out = nn.Linear(dim, 4)
+        self.slot_heads = nn.ModuleList(nn.Linear(dim, n) for n in config.slot_classes)
+        self.map_proj = nn.Linear(sum(config.slot_classes), config.map_channels)
         nn.init.zeros_(self.box_out.weight)
         nn.init.zeros_(self.box_out.bias)
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import NanoDiffusionError, choice_error
 from .attention import Attention, to_tokens
 from .dit import modulate, sincos_positions
-from .resnet import Conv2d, Linear, TimestepEmbedding, timestep_embedding
+from .resnet import TimestepEmbedding, timestep_embedding
 from .t5 import RMSNorm
 
 TIME_CHANNELS = 256   # sinusoidal timestep features
@@ -86,7 +86,7 @@ class AdaLayerNorm(nn.Module):
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = Linear(dim, chunks * dim)
+        self.linear = nn.Linear(dim, chunks * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=EPS)
 
     def forward(self, c: Tensor) -> tuple[Tensor, ...]:
@@ -108,11 +108,11 @@ class JointAttention(Attention):
 
         self.norm_q, self.norm_k = norm(), norm()
         if joint:
-            self.add_q_proj = Linear(dim, inner)
-            self.add_k_proj = Linear(dim, inner)
-            self.add_v_proj = Linear(dim, inner)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
             self.norm_added_q, self.norm_added_k = norm(), norm()
-            self.to_add_out = Linear(inner, dim) if context_out else None
+            self.to_add_out = nn.Linear(inner, dim) if context_out else None
 
     def heads_of(self, x: Tensor, projections: tuple[nn.Module, nn.Module, nn.Module],
                  norms: tuple[nn.Module | None, nn.Module | None]) -> list[Tensor]:
@@ -141,7 +141,7 @@ class GELUProjection(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, inner)
+        self.proj = nn.Linear(dim, inner)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -152,7 +152,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GELUProjection(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim))
+        self.net = nn.Sequential(GELUProjection(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -205,7 +205,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, c: MMDiTConfig):
         super().__init__()
         self.patch_size, self.grid = c.patch_size, c.pos_embed_max_size
-        self.proj = Conv2d(c.in_channels, c.inner_dim, c.patch_size, stride=c.patch_size)
+        self.proj = nn.Conv2d(c.in_channels, c.inner_dim, c.patch_size, stride=c.patch_size)
         # learned: checkpoints carry the trained grid; a new model starts from DiT's fixed sin-cos positions
         self.register_buffer("pos_embed", sincos_positions(c.inner_dim, c.pos_embed_max_size)[None])
 
@@ -247,14 +247,14 @@ class SD3Transformer2DModel(nn.Module):
         d = c.inner_dim
         self.pos_embed = PatchEmbed(c)
         self.time_text_embed = TimeTextEmbedding(d, c.pooled_projection_dim)
-        self.context_embedder = Linear(c.joint_attention_dim, c.caption_projection_dim)
+        self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
             JointTransformerBlock(d, c.num_attention_heads, c.attention_head_dim,
                                   context_pre_only=i == c.num_layers - 1, qk_norm=c.qk_norm,
                                   dual=i in c.dual_attention_layers)
             for i in range(c.num_layers))
         self.norm_out = AdaLayerNorm(d, 2)
-        self.proj_out = Linear(d, c.patch_size * c.patch_size * c.out_channels)
+        self.proj_out = nn.Linear(d, c.patch_size * c.patch_size * c.out_channels)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor,
                 pooled_projections: Tensor) -> Tensor:

@@ -1,14 +1,14 @@
-"""Convolutional building blocks shared by the UNet and the VAE: the convolution, timestep features, the residual
-block, 2x down/upsampling, and the three kinds of resolution level (down, middle, up) that stack them.
+"""Convolutional building blocks shared by the UNet and the VAE: timestep features, the residual block, 2x
+down/upsampling, and the three kinds of resolution level (down, middle, up) that stack them.
 
 Attribute names follow diffusers (resnets, attentions, downsamplers, upsamplers, time_emb_proj, ...), so
-a diffusers state_dict loads with no key map.
+a diffusers state_dict loads with no key map. Layers are plain nn.Conv2d / nn.Linear; the CPU fast path
+(oneDNN-packed weights) is applied to a loaded model by packing.py.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable
 
 import torch
@@ -16,108 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 AttentionFactory = Callable[[int], nn.Module]  # channels -> module called as attn(h, context)
-
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (cache key, weight in oneDNN layout)
-PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
-
-
-def pack_side(cells: int) -> int:
-    """The packing size for inputs of `cells` positions: PACK_SIDE from 32 x 32 up, else the exact square side."""
-    return PACK_SIDE if cells >= PACK_SIDE * PACK_SIDE else max(1, round(cells ** 0.5))
-
-
-class PackedWeight:
-    """Mixin for Conv2d / Linear: for CPU float32 / bfloat16 inference the layer convolves / multiplies with a copy
-    of its weight in oneDNN's blocked layout and the input's dtype, made once per (weight, weight version, dtype):
-    plain conv2d / linear reorder the weight on every call, which on small inputs costs more than the arithmetic
-    (docs/performance.md). Same result to rounding. storage.pack_weights makes the copies while a model loads
-    and hands the plain weight's file pages back; set PackedWeight.enabled = False to use the plain weight."""
-
-    enabled = True
-
-    def packs_for(self, dtype: torch.dtype) -> bool:
-        """Whether computing in `dtype` uses a packed weight: float32 / bfloat16 from a float32 weight or one
-        already in that dtype (a packed float32 copy of half-precision storage would bring its memory back)."""
-        return self.enabled and dtype in PACKED_DTYPES and self.weight.dtype in (torch.float32, dtype)
-
-    def packable(self, x: Tensor) -> bool:
-        """CPU inference in a packed dtype (packs_for): no autograd, no torch.compile tracing, oneDNN available,
-        and a weight whose changes are tracked (not made under inference_mode)."""
-        w = self.weight
-        return (self.packs_for(x.dtype) and x.device.type == "cpu" and not w.is_inference()
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
-
-    def compute_bias(self, x: Tensor) -> Tensor | None:
-        """The bias in x's dtype (float32 biases of layers computed in bfloat16)."""
-        return self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-
-    def compute_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias in x's dtype for this call only: weights stored in half precision (storage.py) or
-        computed in bfloat16 (precision.py) keep no second full copy."""
-        return (self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)), self.compute_bias(x)
-
-    def is_packed(self) -> bool:
-        """Whether a packed copy of the current weight exists (in any dtype)."""
-        cached = _packed.get(self)
-        return cached is not None and cached[0][:2] == (self.weight.data_ptr(), self.weight._version)
-
-    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE) -> Tensor:
-        """The weight in oneDNN's layout and `dtype` for inputs of about side x side, packed on first use (or by
-        storage.pack_weights) and again whenever the weight changes (its storage or version, e.g. a LoRA merged
-        into it) or the input size does: a layout picked for 32 x 32 runs up to 6x slower on 4 x 4 - 16 x 16
-        inputs (the built-in model's), so small inputs get their own."""
-        key = (self.weight.data_ptr(), self.weight._version, dtype, side)
-        cached = _packed.get(self)
-        if cached is None or cached[0] != key:
-            cached = _packed[self] = (key, self.pack(self.weight.detach().to(dtype), side))
-        return cached[1]
-
-
-class Conv2d(PackedWeight, nn.Conv2d):
-    """nn.Conv2d convolving with a oneDNN-packed weight at inference (PackedWeight); output is channels-last.
-    residual, when given, is added to the output (inside the convolution when packed: no extra pass)."""
-
-    def pack(self, w: Tensor, side: int) -> Tensor:
-        """The weight in oneDNN's convolution layout."""
-        shape = [1, self.in_channels, side, side]
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride, self.dilation,
-                                                          self.groups, shape)
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        if not (self.packable(x) and x.dim() == 4 and plain_padding):
-            return add(residual, self._conv_forward(x, *self.compute_weight(x)))
-        conv = (self.padding, self.stride, self.dilation, self.groups)
-        weight, bias = self.packed_weight(x.dtype, pack_side(x.shape[-2] * x.shape[-1])), self.compute_bias(x)
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv, "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual.to(x.dtype), weight, bias, *conv,
-                                                              "add", None, None, [], None)
-
-
-class Linear(PackedWeight, nn.Linear):
-    """nn.Linear multiplying by a oneDNN-packed weight at inference (PackedWeight).
-    residual, when given, is added to the output (inside the matmul when packed: no extra pass)."""
-
-    def pack(self, w: Tensor, side: int) -> Tensor:
-        """The weight in oneDNN's matmul layout."""
-        return torch.ops.mkldnn._reorder_linear_weight(w, side * side)
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if not self.packable(x):
-            return add(residual, F.linear(x, *self.compute_weight(x)))
-        weight, bias = self.packed_weight(x.dtype, pack_side(x.numel() // x.shape[-1])), self.compute_bias(x)
-        if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype), weight, bias, "add")
-
-
-def add(residual: Tensor | None, h: Tensor) -> Tensor:
-    """residual + h (h alone without a residual)."""
-    return h if residual is None else residual + h
-
 
 def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> Tensor:
@@ -136,11 +34,14 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
         if cond_dim:
-            self.cond_proj = Linear(cond_dim, in_dim, bias=False)
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        # the float32 sinusoid in the biases' dtype: a model cast to half precision computes the MLP in it (storage.py
+        # and precision.py keep biases, and so the MLP's compute, float32)
+        x = x.to(self.linear_1.bias.dtype)
         if condition is not None:
             x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -152,17 +53,18 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        return self.conv2(F.silu(self.norm2(h)), x if self.conv_shortcut is None else self.conv_shortcut(x))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + self.conv2(F.silu(self.norm2(h)))
 
 
 class Downsample2D(nn.Module):
@@ -171,7 +73,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
@@ -182,7 +84,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
         return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))

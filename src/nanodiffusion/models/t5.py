@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NanoDiffusionError, choice_error
-from .resnet import Linear
 
 # feed_forward_proj -> (gated, activation), as transformers' T5Config reads it ("gated-gelu" is tanh-approximate)
 FEED_FORWARDS: dict[str, tuple[bool, Callable[[Tensor], Tensor]]] = {
@@ -96,10 +95,10 @@ class T5Attention(nn.Module):
         super().__init__()
         inner = c.num_heads * c.d_kv
         self.config = c
-        self.q = Linear(c.d_model, inner, bias=False)
-        self.k = Linear(c.d_model, inner, bias=False)
-        self.v = Linear(c.d_model, inner, bias=False)
-        self.o = Linear(inner, c.d_model, bias=False)
+        self.q = nn.Linear(c.d_model, inner, bias=False)
+        self.k = nn.Linear(c.d_model, inner, bias=False)
+        self.v = nn.Linear(c.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, c.d_model, bias=False)
         self.relative_attention_bias = (nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
                                         if has_relative_attention_bias else None)
 
@@ -139,11 +138,11 @@ class T5DenseActDense(nn.Module):
             raise choice_error("T5 feed_forward_proj", c.feed_forward_proj, list(FEED_FORWARDS))
         self.gated, self.act = FEED_FORWARDS[c.feed_forward_proj]
         if self.gated:
-            self.wi_0 = Linear(c.d_model, c.d_ff, bias=False)
-            self.wi_1 = Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
+            self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
         else:
-            self.wi = Linear(c.d_model, c.d_ff, bias=False)
-        self.wo = Linear(c.d_ff, c.d_model, bias=False)
+            self.wi = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))

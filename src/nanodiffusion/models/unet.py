@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import NanoDiffusionError, choice_error
 from .attention import Transformer2DModel
-from .resnet import Conv2d, DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2D, timestep_embedding
+from .resnet import DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2D, timestep_embedding
 
 DOWN_BLOCKS = ["CrossAttnDownBlock2D", "DownBlock2D"]
 UP_BLOCKS = ["CrossAttnUpBlock2D", "UpBlock2D"]
@@ -154,9 +154,8 @@ def check_config(c: UNetConfig) -> None:
 class UNet2DConditionModel(nn.Module):
     """eps_theta(z_t, t, c): conv_in -> down levels (skips kept) -> mid -> up levels (skips concatenated) -> conv_out,
     every resnet fed the timestep embedding, every spatial transformer the context c (LDM §3.3).
-    `deep_cache`, when set (nanodiffusion.fast.deepcache), lets calls reuse the deep levels' output (DeepCache)."""
-
-    deep_cache = None
+    forward is embed, encode (down to the bottleneck), the up levels, head; approximations that run parts of it
+    (nanodiffusion.fast.deepcache) call those steps."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -179,7 +178,7 @@ class UNet2DConditionModel(nn.Module):
                            groups=c.norm_num_groups, depth=depth[level], linear=c.use_linear_projection,
                            only_cross=cross_only, upcast=c.upcast_attention) if use else None
 
-        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
@@ -197,7 +196,7 @@ class UNet2DConditionModel(nn.Module):
                       attention=attention(level, kind == "CrossAttnUpBlock2D", only_cross[level]), **block)
             for i, (level, kind) in enumerate(zip(reversed(range(n)), c.up_block_types)))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], c.norm_eps)
-        self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
                 text_embeds: Tensor | None = None, time_ids: Tensor | None = None, timestep_cond: Tensor | None = None,
@@ -208,34 +207,46 @@ class UNet2DConditionModel(nn.Module):
         [B, N] (sdxl.py); a guidance-distilled (LCM) UNet its guidance-scale embedding `timestep_cond` [B, W]
         (guidance.guidance_scale_embedding). The additional residuals (a ControlNet's) are added to the skips and to
         the mid-block output."""
+        emb = self.embed(sample, timestep, text_embeds, time_ids, timestep_cond)
+        h, skips = self.encode(sample, emb, encoder_hidden_states, down_block_additional_residuals,
+                               mid_block_additional_residual)
+        for block in self.up_blocks:
+            h = block(h, emb, encoder_hidden_states, skips)
+        return self.head(h)
+
+    def embed(self, sample: Tensor, timestep: Tensor | float, text_embeds: Tensor | None = None,
+              time_ids: Tensor | None = None, timestep_cond: Tensor | None = None) -> Tensor:
+        """The timestep embedding [B, 4 * C] (plus SDXL's added embedding), in the sample's dtype."""
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift),
                                   timestep_cond)
         if c.addition_embed_type is not None or text_embeds is not None or time_ids is not None:
             emb = emb + self.added_embedding(text_embeds, time_ids)
-        emb = emb.to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
-        cache = self.deep_cache
-        if cache is not None and cache.reusable(sample):
-            return self.shallow(sample, emb, encoder_hidden_states, cache.features)
+        return emb.to(sample.dtype)   # the sinusoid and its MLP in float32 (precision.py)
+
+    def encode(self, sample: Tensor, emb: Tensor, context: Tensor, down_residuals: list[Tensor] | None = None,
+               mid_residual: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """conv_in, the down levels and the mid block: the bottleneck features and the skips (the additional
+        residuals added to them)."""
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, emb, encoder_hidden_states)
+            h, block_skips = block(h, emb, context)
             skips += block_skips
-        if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise NanoDiffusionError(f"got {len(down_block_additional_residuals)} down-block residuals, "
-                                         f"the UNet has {len(skips)} skips; use a ControlNet built for this UNet")
-            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise NanoDiffusionError(f"got {len(down_residuals)} down-block residuals, the UNet has "
+                                         f"{len(skips)} skips; use a ControlNet built for this UNet")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         if self.mid_block is not None:
-            h = self.mid_block(h, emb, encoder_hidden_states)
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual
-        for i, block in enumerate(self.up_blocks):
-            if cache is not None and i == len(self.up_blocks) - 1:
-                cache.features = h
-            h = block(h, emb, encoder_hidden_states, skips)
+            h = self.mid_block(h, emb, context)
+        if mid_residual is not None:
+            h = h + mid_residual
+        return h, skips
+
+    def head(self, h: Tensor) -> Tensor:
+        """The output of the last up level -> the prediction: GroupNorm, SiLU, conv_out."""
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def added_embedding(self, text_embeds: Tensor | None, time_ids: Tensor | None) -> Tensor:
@@ -257,12 +268,3 @@ class UNet2DConditionModel(nn.Module):
                                      f"{time_ids.shape[1]} time ids x {c.addition_time_embed_dim}): a base model "
                                      "takes 6 time ids, the refiner 5 (with an aesthetic score)")
         return self.add_embedding(features)
-
-    def shallow(self, sample: Tensor, emb: Tensor, encoder_hidden_states: Tensor, deep: Tensor) -> Tensor:
-        """DeepCache's partial step (Ma et al. 2023, §3.2): only the top level runs (conv_in, the first down
-        block, the last up block); `deep`, the input of the last up block at an earlier full step, stands in for
-        everything below it. The first down block's downsampled output feeds only the deep levels (it is dropped)."""
-        h = self.conv_in(sample)
-        _, block_skips = self.down_blocks[0](h, emb, encoder_hidden_states)
-        h = self.up_blocks[-1](deep, emb, encoder_hidden_states, [h, *block_skips[:-1]])
-        return self.conv_out(F.silu(self.conv_norm_out(h)))

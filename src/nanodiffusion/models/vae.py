@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import NanoDiffusionError, choice_error
 from .attention import Attention, from_tokens, to_tokens
-from .resnet import Conv2d, DownBlock2D, MidBlock2D, UpBlock2D
+from .resnet import DownBlock2D, MidBlock2D, UpBlock2D
 
 EPS = 1e-6  # every GroupNorm of the VAE
 
@@ -105,8 +105,7 @@ class SpatialSelfAttention(Attention):
         self.group_norm = nn.GroupNorm(groups, channels, EPS)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = super().forward(to_tokens(self.group_norm(x)), residual=to_tokens(x))
-        return from_tokens(h, x.shape[-2:])
+        return x + from_tokens(super().forward(to_tokens(self.group_norm(x))), x.shape[-2:])
 
 
 def mid_block(c: VAEConfig) -> MidBlock2D:
@@ -121,13 +120,13 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, n = c.block_out_channels, len(c.block_out_channels)
-        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock2D(ch[max(i - 1, 0)], ch[i], c.layers_per_block, None, c.norm_num_groups, EPS,
                         add_downsample=i < n - 1, downsample_padding=0) for i in range(n))
         self.mid_block = mid_block(c)
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[-1], EPS)
-        self.conv_out = Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -142,13 +141,13 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, n = c.block_out_channels, len(c.block_out_channels)
-        self.conv_in = Conv2d(c.latent_channels, ch[-1], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.latent_channels, ch[-1], 3, padding=1)
         self.mid_block = mid_block(c)
         self.up_blocks = nn.ModuleList(
             UpBlock2D(ch[min(level + 1, n - 1)], ch[level], [0] * (c.layers_per_block + 1), None, c.norm_num_groups,
                       EPS, add_upsample=level > 0) for level in reversed(range(n)))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], EPS)
-        self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid_block(self.conv_in(z))
@@ -166,8 +165,8 @@ class AutoencoderKL(nn.Module):
         self.config = c = config
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        self.quant_conv = Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
-        self.post_quant_conv = Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z|x) for images x in [-1, 1], [B, in_channels, H, W]."""

@@ -1,0 +1,125 @@
+"""oneDNN weight packing: a transform applied to a loaded model, not part of its layers.
+
+The models (models/) are built from plain nn.Conv2d / nn.Linear. On a CPU, plain conv2d / linear reorder the
+weight into oneDNN's blocked layout on every call, which on small inputs costs more than the arithmetic
+(docs/performance.md). packed_layers(model) turns every plain Conv2d / Linear of a loaded model into its packed
+variant (PackedConv2d / PackedLinear: the same object, its class swapped, so its parameters, state_dict keys,
+forward hooks such as an unmerged LoRA's, and any reference to it stay as they are); at inference the layer
+convolves / multiplies with a copy of its weight in oneDNN's layout and the input's dtype, kept on the layer and
+made again whenever the weight changes (its storage or version, e.g. a LoRA merged into it), the compute dtype
+or the input's size class does. Same result to rounding. With autograd, on other devices, under torch.compile
+or with PackedWeight.enabled = False the layers compute as plain ones, in the input's dtype.
+
+storage.py applies the transform while a model loads (store_weights; pack_weights packs every weight at once and
+hands the plain weight's file pages back), precision.py to compute in bfloat16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
+
+
+def pack_side(cells: int) -> int:
+    """The packing size for inputs of `cells` positions: PACK_SIDE from 32 x 32 up, else the exact square side."""
+    return PACK_SIDE if cells >= PACK_SIDE * PACK_SIDE else max(1, round(cells ** 0.5))
+
+
+class PackedWeight:
+    """Mixin for Conv2d / Linear: computes in its input's dtype (float32 / bfloat16 weights stored in half precision
+    by storage.py or computed in bfloat16 by precision.py keep no second full copy) and, for CPU float32 / bfloat16
+    inference, with a oneDNN-packed copy of its weight (`packed`: (cache key, packed weight), this layer's own).
+    Set PackedWeight.enabled = False to compute with the plain weight everywhere."""
+
+    enabled = True
+    packed: tuple[tuple, Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        """The module's state without the packed copy (deepcopy / pickle: the copy packs its own weight)."""
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
+    def packs_for(self, dtype: torch.dtype) -> bool:
+        """Whether computing in `dtype` uses a packed weight: float32 / bfloat16 from a float32 weight or one
+        already in that dtype (a packed float32 copy of half-precision storage would bring its memory back)."""
+        return self.enabled and dtype in PACKED_DTYPES and self.weight.dtype in (torch.float32, dtype)
+
+    def packable(self, x: Tensor) -> bool:
+        """CPU inference in a packed dtype (packs_for): no autograd, no torch.compile tracing, oneDNN available,
+        and a weight whose changes are tracked (not made under inference_mode)."""
+        w = self.weight
+        return (self.packs_for(x.dtype) and x.device.type == "cpu" and not w.is_inference()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+
+    def compute_bias(self, x: Tensor) -> Tensor | None:
+        """The bias in x's dtype (float32 biases of layers computed in bfloat16)."""
+        return self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+
+    def compute_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias in x's dtype for this call only."""
+        return (self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)), self.compute_bias(x)
+
+    def is_packed(self) -> bool:
+        """Whether a packed copy of the current weight exists (in any dtype)."""
+        return self.packed is not None and self.packed[0][:2] == (self.weight.data_ptr(), self.weight._version)
+
+    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE) -> Tensor:
+        """The weight in oneDNN's layout and `dtype` for inputs of about side x side, packed on first use (or by
+        storage.pack_weights) and again whenever the weight or the input size class changes: a layout picked for
+        32 x 32 runs up to 6x slower on 4 x 4 - 16 x 16 inputs (the built-in model's), so small inputs get their
+        own."""
+        key = (self.weight.data_ptr(), self.weight._version, dtype, side)
+        if self.packed is None or self.packed[0] != key:
+            self.packed = (key, self.pack(self.weight.detach().to(dtype), side))
+        return self.packed[1]
+
+
+class PackedConv2d(PackedWeight, nn.Conv2d):
+    """nn.Conv2d convolving with a oneDNN-packed weight at inference (PackedWeight); output is channels-last."""
+
+    def pack(self, w: Tensor, side: int) -> Tensor:
+        """The weight in oneDNN's convolution layout."""
+        shape = [1, self.in_channels, side, side]
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride, self.dilation,
+                                                          self.groups, shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if not (self.packable(x) and x.dim() == 4 and plain_padding):
+            return self._conv_forward(x, *self.compute_weight(x))
+        weight = self.packed_weight(x.dtype, pack_side(x.shape[-2] * x.shape[-1]))
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.compute_bias(x), self.padding, self.stride,
+                                                       self.dilation, self.groups, "none", [], "")
+
+
+class PackedLinear(PackedWeight, nn.Linear):
+    """nn.Linear multiplying by a oneDNN-packed weight at inference (PackedWeight)."""
+
+    def pack(self, w: Tensor, side: int) -> Tensor:
+        """The weight in oneDNN's matmul layout."""
+        return torch.ops.mkldnn._reorder_linear_weight(w, side * side)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.packable(x):
+            return F.linear(x, *self.compute_weight(x))
+        weight = self.packed_weight(x.dtype, pack_side(x.numel() // x.shape[-1]))
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.compute_bias(x), "none", [], "")
+
+
+PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+
+
+def packed_layers(model: nn.Module) -> nn.Module:
+    """Turn every plain nn.Conv2d / nn.Linear of `model` into its packed variant, in place (the layer keeps its
+    identity, parameters and hooks; see the module docstring). Layers already packed, and subclasses with their
+    own forward, are left as they are."""
+    for module in model.modules():
+        if type(module) in PACKED:
+            module.__class__ = PACKED[type(module)]
+    return model
