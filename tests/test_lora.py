@@ -67,16 +67,19 @@ def random_kohya_lora(unet: nn.Module, text: nn.Module, seed: int = 0) -> dict[s
     for prefix, targets in (("lora_unet_", kohya_targets(unet, KOHYA_UNET_BLOCKS)),
                             ("lora_te_", kohya_targets(text, KOHYA_TEXT_BLOCKS))):
         for path, layer in targets.items():
-            name = prefix + path.replace(".", "_")
-            if isinstance(layer, nn.Linear):
-                rank, alpha, down, up = 4, 2.0, (4, layer.in_features), (layer.out_features, 4)
-            else:
-                rank, alpha = (4, 2.0) if layer.kernel_size == (1, 1) else (2, 3.0)
-                down, up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-            sd[f"{name}.lora_down.weight"] = torch.randn(down, generator=g) * 0.1
-            sd[f"{name}.lora_up.weight"] = torch.randn(up, generator=g) * 0.1
-            sd[f"{name}.alpha"] = torch.tensor(alpha)
+            sd.update(random_kohya_layer(prefix + path.replace(".", "_"), layer, g))
     return sd
+
+
+def random_kohya_layer(key: str, layer: nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One layer's kohya tensors: rank 4 / alpha 2 on a Linear or 1x1 conv, rank 2 / alpha 3 LoCon on a k x k conv."""
+    if isinstance(layer, nn.Linear):
+        alpha, down, up = 2.0, (4, layer.in_features), (layer.out_features, 4)
+    else:
+        rank, alpha = (4, 2.0) if layer.kernel_size == (1, 1) else (2, 3.0)
+        down, up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return {f"{key}.lora_down.weight": torch.randn(down, generator=g) * 0.1,
+            f"{key}.lora_up.weight": torch.randn(up, generator=g) * 0.1, f"{key}.alpha": torch.tensor(alpha)}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,6 +19,7 @@ from oracles import clip_tokenizer_dir, require
 diffusers = require("diffusers")
 transformers = require("transformers")
 peft = require("peft")   # diffusers' LoRA loader needs it
+from test_lora import one_thread, random_kohya_layer  # noqa: E402, F401 (one_thread: an autouse fixture)
 from test_sdxl import PROMPTS, full_parts  # noqa: E402
 
 UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")   # kohya's, with LoCon convs
@@ -46,25 +47,8 @@ def random_kohya_sdxl(models: dict[str, nn.Module], *, sgm: bool) -> dict[str, t
                 name = TEXT_MODEL + path.removeprefix(TEXT_MODEL)
             else:
                 name = table.rename(path + ".weight", to_original=True)[0].removesuffix(".weight") if sgm else path
-            key = prefix + name.replace(".", "_")
-            if isinstance(layer, nn.Linear):
-                rank, alpha, down, up = 4, 2.0, (4, layer.in_features), (layer.out_features, 4)
-            else:
-                rank, alpha = (4, 2.0) if layer.kernel_size == (1, 1) else (2, 3.0)
-                down, up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-            sd[f"{key}.lora_down.weight"] = torch.randn(down, generator=g) * 0.1
-            sd[f"{key}.lora_up.weight"] = torch.randn(up, generator=g) * 0.1
-            sd[f"{key}.alpha"] = torch.tensor(alpha)
+            sd.update(random_kohya_layer(prefix + name.replace(".", "_"), layer, g))
     return sd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread beats several, and on a shared machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
