@@ -1,10 +1,13 @@
 """SD3 / SD3.5 networks against diffusers and transformers: same random weights (loaded with strict=True), same
 inputs -> same outputs. MMDiT (plain, QK RMSNorm, dual attention), T5 encoder and tokenizer, the 16-channel VAE
 with its shift, and the shifted rectified-flow schedule stepped by our Euler against FlowMatchEulerDiscreteScheduler;
-then the whole txt2img pipeline on a tiny StableDiffusion3Pipeline folder, with and without T5."""
+then the whole txt2img pipeline on a tiny StableDiffusion3Pipeline folder, with and without T5; and Stability's single
+files (MMDiT, VAE, CLIP-L / CLIP-G / T5 in one .safetensors): our layout = diffusers' converter, the file = the
+folder, round trips exact."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -198,29 +201,38 @@ def t5_tokenizer(transformers):
     return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def sd3_parts(diffusers, transformers, t5: bool) -> dict:
-    """Tiny SD3 networks built by diffusers / transformers: MMDiT (joint width 32), 16-channel VAE, CLIP-L and CLIP-G
-    with projections (16 wide each, pooled 24 + 40), T5 (d_model 32) or None, and the pipeline's tokenizers."""
+# Sizes of the tiny pipelines: TINY's heads are 8 wide; a single file without metadata is read with the published
+# models' sizes that are not in its shapes (64-wide heads, T5's maximum distance 128, 32 norm groups): INFERABLE's.
+TINY = dict(head_dim=8, heads=4, clip_width=16, t5_distance=20, vae_groups=8)
+INFERABLE = dict(head_dim=64, heads=2, clip_width=64, t5_distance=128, vae_groups=32)
+
+
+def sd3_parts(diffusers, transformers, t5: bool, sizes: dict = TINY, **mmdit) -> dict:
+    """Tiny SD3 networks built by diffusers / transformers: MMDiT (joint width 2 x the CLIP width, `mmdit`: its extra
+    settings), 16-channel VAE, CLIP-L and CLIP-G with projections (pooled 24 + 40), T5 (d_model the joint width) or
+    None, and the pipeline's tokenizers."""
     torch.manual_seed(5)
-    clip = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    width, joint, inner = sizes["clip_width"], 2 * sizes["clip_width"], sizes["heads"] * sizes["head_dim"]
+    clip = dict(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                num_attention_heads=width // sizes["head_dim"], max_position_embeddings=77, bos_token_id=0,
+                eos_token_id=2, pad_token_id=1)
     folder = str(clip_tokenizer_dir())
-    transformer = diffusers.SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
-        pos_embed_max_size=16)
+    transformer = diffusers.SD3Transformer2DModel(**{
+        "sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": sizes["head_dim"],
+        "num_attention_heads": sizes["heads"], "joint_attention_dim": joint, "caption_projection_dim": inner,
+        "pooled_projection_dim": 64, "out_channels": 16, "pos_embed_max_size": 16, **mmdit})
+    t5_config = {**TINY_T5, "vocab_size": 80, "d_model": joint, "relative_attention_max_distance": sizes["t5_distance"]}
     text_encoders = {
         "text_encoder": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             **clip, hidden_act="quick_gelu", projection_dim=24)),
         "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             **clip, hidden_act="gelu", projection_dim=40)),
-        "text_encoder_3": transformers.T5EncoderModel(transformers.T5Config(**{**TINY_T5, "vocab_size": 80,
-                                                                                "d_model": 32})) if t5 else None}
+        "text_encoder_3": transformers.T5EncoderModel(transformers.T5Config(**t5_config)) if t5 else None}
     for seed, (model, std) in enumerate([(transformer, STD), *((m, TEXT_STD) for m in text_encoders.values() if m)]):
         randomise(model, std, seed)
     return {
         "transformer": transformer.eval(),
-        "vae": diffusers.AutoencoderKL(**SD3_VAE).eval(),
+        "vae": diffusers.AutoencoderKL(**{**SD3_VAE, "norm_num_groups": sizes["vae_groups"]}).eval(),
         **{name: model and model.eval() for name, model in text_encoders.items()},
         "tokenizer": transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
         "tokenizer_2": transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
@@ -302,3 +314,203 @@ def test_cli_t5_flags(sd3_folder, tmp_path, capsys):
     expected = Pipeline.load(path, precision="float32", t5=False)(PROMPT, steps=2, width=64, height=64, seed=4,
                                                                    sampler="euler")[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), np.asarray(expected))
+
+
+# ---- Single files as Stability publishes them (model.diffusion_model.joint_blocks, first_stage_model.,
+# text_encoders.clip_l / clip_g / t5xxl): our layout = diffusers' converter; loads = the folder; round trips exact ----
+
+def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A network's tensors as files store them (without transformers' position_ids buffer, and T5's embed_tokens, the
+    tied copy of shared.weight)."""
+    return {k: t for k, t in model.state_dict().items()
+            if not k.endswith("position_ids") and k != "encoder.embed_tokens.weight"}
+
+
+def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("kw", MMDIT_CASES.values(), ids=MMDIT_CASES.keys())
+def test_single_file_layout_matches_diffusers_converter(kw):
+    """Our original layout, read back by diffusers' own converters, gives the same state dicts; the MMDiT config
+    inferred from it is the model's."""
+    diffusers, transformers = require("diffusers"), require("transformers")
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+
+    from nanodiffusion.checkpoint_keys import diffusers_to_original, original_to_diffusers
+    from nanodiffusion.checkpoints import infer_config
+
+    models = sd3_parts(diffusers, transformers, True, INFERABLE, num_layers=3, **kw)
+    parts = {name: state_dict(models[name]) for name in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                                         "text_encoder_3")}
+    original = diffusers_to_original(parts)
+    block, last = "model.diffusion_model.joint_blocks.0.", "model.diffusion_model.joint_blocks.2.context_block."
+    assert f"{block}x_block.attn.qkv.weight" in original and f"{block}context_block.attn.proj.weight" in original
+    assert f"{last}attn.qkv.weight" in original and f"{last}attn.proj.weight" not in original   # pre-only
+    assert (f"{block}x_block.attn.ln_q.weight" in original) == ("qk_norm" in kw)
+    assert (f"{block}x_block.attn2.qkv.weight" in original) == ("dual_attention_layers" in kw)
+    mmdit = {k: t for k, t in original.items() if k.startswith("model.diffusion_model.")}
+    assert_same(convert_sd3_transformer_checkpoint_to_diffusers(mmdit), parts["transformer"])
+    assert_same(convert_ldm_vae_checkpoint(original, dict(models["vae"].config)), parts["vae"])
+    for name, prefix in [("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")]:
+        got = {k: t for k, t in convert_ldm_clip_checkpoint(original, f"text_encoders.{prefix}.transformer.").items()
+               if k.startswith(("text_model.", "text_projection.", "shared.", "encoder."))}
+        assert_same(got, parts[name])
+    back = original_to_diffusers(original)
+    for name in parts:
+        assert_same(back[name], parts[name])
+    inferred = {k: v for k, v in infer_config("transformer", back["transformer"], "sd3").items() if k != "_class_name"}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in models["transformer"].config.items()}
+    assert inferred == {k: expected[k] for k in inferred}
+    ours = SD3Transformer2DModel(MMDiTConfig.from_dict(inferred)).eval()
+    ours.load_state_dict(back["transformer"], strict=True)
+    x, text, pooled = torch.randn(1, 16, 8, 8), torch.randn(1, 5, 128), torch.randn(1, 64)
+    with torch.no_grad():
+        reference = models["transformer"](x, text, pooled, torch.tensor([500.0])).sample
+        assert (ours(x, torch.tensor([500.0]), text, pooled) - reference).abs().max() <= 1e-5
+
+
+def test_clip_l_projection_absent_from_stability_files_is_the_identity():
+    """Stability's files leave out CLIP-L's text_projection (SD3 does not project CLIP-L's pooled output): it reads
+    as the identity, and an identity projection is left out again when written."""
+    from nanodiffusion.checkpoint_keys import sd3_clip_to_transformers, transformers_to_sd3_clip
+
+    sd = {"text_model.final_layer_norm.weight": torch.ones(6), "text_model.final_layer_norm.bias": torch.zeros(6)}
+    read = sd3_clip_to_transformers({**sd, "logit_scale": torch.tensor(4.6)})
+    assert torch.equal(read["text_projection.weight"], torch.eye(6)) and "logit_scale" not in read
+    assert_same(transformers_to_sd3_clip(read), sd)
+    projected = {**sd, "text_projection.weight": torch.randn(4, 6)}
+    assert_same(transformers_to_sd3_clip(sd3_clip_to_transformers(projected)), projected)
+
+
+def test_t5_token_embedding_is_read_once_whichever_name_the_file_gives_it():
+    from nanodiffusion.checkpoint_keys import t5_names
+
+    embedding, norm = torch.randn(5, 4), torch.ones(4)
+    for names in (["shared.weight"], ["encoder.embed_tokens.weight"], ["shared.weight", "encoder.embed_tokens.weight"]):
+        sd = {**dict.fromkeys(names, embedding), "encoder.final_layer_norm.weight": norm}
+        assert_same(t5_names(sd), {"shared.weight": embedding, "encoder.final_layer_norm.weight": norm})
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["t5", "without_t5"])
+def sd3_file(request, tmp_path_factory):
+    """A tiny SD3 pipeline (sizes a single file can tell) saved by diffusers as a folder, and the same weights as one
+    published-style single file without metadata (T5's tokenizer in a tokenizer_3/ folder beside it)."""
+    diffusers, transformers = require("diffusers"), require("transformers")
+    from safetensors.torch import save_file
+
+    from nanodiffusion.checkpoint_keys import diffusers_to_original
+    from nanodiffusion.checkpoints import load_checkpoint
+
+    models = sd3_parts(diffusers, transformers, request.param, INFERABLE)
+    folder = tmp_path_factory.mktemp("sd3file") / "tiny-sd3"
+    diffusers.StableDiffusion3Pipeline(**models).save_pretrained(folder)
+    file = folder.parent / "files" / "tiny-sd3.safetensors"
+    file.parent.mkdir()
+    save_file(diffusers_to_original(load_checkpoint(folder).parts), file)   # T5's tied embedding once, as saved
+    if request.param:
+        import shutil
+        shutil.copytree(folder / "tokenizer_3", file.parent / "tokenizer_3")
+    return folder, file
+
+
+def test_single_file_loads_as_the_folder_and_generates_its_image(sd3_file):
+    """Pipeline.load(file) = Pipeline.load(folder): configs inferred from the shapes, the same image (1/255)."""
+    from nanodiffusion.checkpoints import load_checkpoint
+    from nanodiffusion.pipeline import Pipeline
+
+    folder, file = sd3_file
+    ckpt, reference = load_checkpoint(file), load_checkpoint(folder)
+    assert ckpt.info["version"] == "sd3" and ckpt.info["prediction"] == "flow" and ckpt.info["inferred"]
+    assert ckpt.parts.keys() == reference.parts.keys()
+    for name in reference.parts:
+        assert_same(ckpt.parts[name], reference.parts[name])
+        inferred = {k: v for k, v in ckpt.configs[name].items() if not k.startswith("_")
+                    and (name, k) != ("vae", "sample_size")}   # the published VAE's 1024, not the tiny one's
+        assert inferred == {k: reference.configs[name][k] for k in inferred}
+    assert ckpt.scheduler["shift"] == 3.0 and ckpt.configs["vae"]["shift_factor"] == 0.0609
+    images = [Pipeline.load(path, precision="float32")(PROMPT, steps=3, cfg=5.0, width=64, height=64, seed=3,
+                                                        sampler="euler")[0] for path in (folder, file)]
+    ours, theirs = (torch.tensor(np.asarray(image), dtype=torch.float32) / 255 for image in images)
+    assert float(theirs.std()) > 0.01 and (ours - theirs).abs().max() <= 1 / 255
+    info = describe(file)   # nanodiff info
+    assert info["version"] == "sd3" and info["prediction"] == "flow" and info["format"] == "safetensors"
+    assert ("text_encoder_3" in info["parameters"]) == (folder / "text_encoder_3").is_dir()
+
+
+def test_sd3_convert_round_trips_exactly(sd3_file, tmp_path):
+    """folder -> single file -> folder and single file -> folder -> single file give back every tensor (and our own
+    files their configs); diffusers loads the folder we write."""
+    from nanodiffusion.checkpoints import convert, load_checkpoint, load_state_dict
+
+    folder, file = sd3_file
+    convert(folder, tmp_path / "from-folder.safetensors")
+    convert(tmp_path / "from-folder.safetensors", tmp_path / "again")
+    first, again = load_checkpoint(folder), load_checkpoint(tmp_path / "again")
+    assert again.info["version"] == "sd3" and again.parts.keys() == first.parts.keys()
+    for name in first.parts:
+        assert_same(again.parts[name], first.parts[name])
+        assert again.configs[name] == {**first.configs[name], **again.configs[name]}
+    convert(file, tmp_path / "from-file")
+    convert(tmp_path / "from-file", tmp_path / "back.safetensors")
+    assert_same(load_state_dict(tmp_path / "back.safetensors"), load_state_dict(file))
+    assert (tmp_path / "from-file" / "tokenizer_3").is_dir() == (folder / "text_encoder_3").is_dir()
+    index = json.loads((tmp_path / "from-file" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
+    convert(folder, tmp_path / "ours")   # our save -> their load, with the folder's tokenizers
+    without = {} if "text_encoder_3" in first.parts else {"text_encoder_3": None, "tokenizer_3": None}   # as diffusers
+    theirs = require("diffusers").StableDiffusion3Pipeline.from_pretrained(tmp_path / "ours", **without)
+    for name in first.parts:
+        assert_same(state_dict(getattr(theirs, name)), first.parts[name])
+
+
+def test_single_file_without_text_encoders_or_t5_tokenizer_is_one_clear_line(sd3_file, tmp_path):
+    """sd3_medium.safetensors holds the MMDiT and VAE only: SD3 needs CLIP-L and CLIP-G. A file with T5 but no
+    tokenizer_3/ beside it names both ways out; without T5 (--no-t5) it loads."""
+    from safetensors.torch import save_file
+
+    from nanodiffusion.checkpoints import load_state_dict
+    from nanodiffusion.pipeline import Pipeline
+
+    folder, file = sd3_file
+    sd = load_state_dict(file)
+    save_file({k: t for k, t in sd.items() if not k.startswith("text_encoders.")}, tmp_path / "sd3_medium.safetensors")
+    with pytest.raises(NanoDiffusionError, match=r"^sd3_medium.safetensors has no CLIP-L \(text_encoders.clip_l.\), "
+                                                 r"no CLIP-G \(text_encoders.clip_g.\): SD3 needs"):
+        Pipeline.load(tmp_path / "sd3_medium.safetensors")
+    if not (folder / "text_encoder_3").is_dir():
+        with pytest.raises(NanoDiffusionError, match=r"no T5 text encoder \(no text_encoders.t5xxl.\)"):
+            Pipeline.load(file, t5=True)
+        return
+    save_file(sd, tmp_path / "sd3_incl_t5.safetensors")
+    with pytest.raises(NanoDiffusionError, match=r"^sd3_incl_t5.safetensors holds T5-XXL but no file holds its "
+                                                 r"tokenizer: .*tokenizer_3/.*--no-t5"):
+        Pipeline.load(tmp_path / "sd3_incl_t5.safetensors")
+    assert Pipeline.load(tmp_path / "sd3_incl_t5.safetensors", t5=False).text_encoder_3 is None
+
+
+def test_half_precision_file_with_fp8_t5_loads_and_generates(sd3_file, tmp_path):
+    """As sd3_medium_incl_clips_t5xxlfp8.safetensors: fp16 weights, T5's matrices in float8_e4m3fn (computed in
+    float32 here); T5's tokenizer in tokenizer_3/ beside the file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from nanodiffusion.checkpoints import load_state_dict
+    from nanodiffusion.pipeline import Pipeline
+
+    folder, file = sd3_file
+    if not (folder / "text_encoder_3").is_dir():
+        pytest.skip("the file has no T5")
+    sd = {k: t.to(torch.float8_e4m3fn if k.startswith("text_encoders.t5xxl.") and t.ndim == 2 else torch.float16)
+          for k, t in load_state_dict(file).items()}
+    save_file(sd, tmp_path / "sd3_fp8.safetensors")
+    shutil.copytree(file.parent / "tokenizer_3", tmp_path / "tokenizer_3")
+    assert describe(tmp_path / "sd3_fp8.safetensors")["dtype"] == "float16"
+    pipe = Pipeline.load(tmp_path / "sd3_fp8.safetensors", precision="float32")
+    image = pipe(PROMPT, steps=2, cfg=5.0, width=64, height=64, seed=1, sampler="euler")[0]
+    assert pipe.text_encoder_3 is not None and float(np.asarray(image, dtype=np.float32).std()) > 2

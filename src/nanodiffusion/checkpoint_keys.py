@@ -10,7 +10,10 @@ transposed.
 Families: SD 1.x (CLIP ViT-L under cond_stage_model.transformer.), SD 2.x (OpenCLIP ViT-H under
 cond_stage_model.model.), SDXL (CLIP ViT-L and OpenCLIP ViT-bigG under conditioner.embedders.0 / .1, the refiner
 bigG alone under conditioner.embedders.0.model.); the UNet and VAE tables are shared, SDXL's UNet adds
-label_emb (its added conditioning).
+label_emb (its added conditioning). SD3 / SD3.5 (Stability's MMDiT files) keep the MMDiT under
+model.diffusion_model. (joint_blocks, fused qkv, (shift, scale) halves in the pre-only adaLN layers), the
+16-channel VAE under first_stage_model., and optionally CLIP-L, CLIP-G and T5-XXL under text_encoders.*.transformer.
+in transformers names.
 
 Text encoder names are transformers' CLIP names as files store them ("text_model.embeddings.",
 "text_model.encoder.", "text_model.final_layer_norm."), which our models/clip.py uses too;
@@ -34,6 +37,11 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."   # SDXL: CLIP ViT-L, 
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."    # SDXL: OpenCLIP ViT-bigG/14 text tower
 REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner: bigG alone
 LAYOUT_PREFIX = "layout_model."                      # the built-in model's layout stage (models/layout.py), ours
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."   # SD3: CLIP ViT-L, transformers names
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."   # SD3: OpenCLIP ViT-bigG, transformers names
+SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."        # SD3: T5-XXL encoder, transformers names
+MMDIT_BLOCKS = "joint_blocks."                            # SD3's MMDiT in the original names
+MMDIT_PATCHES = "x_embedder.proj.weight"                  # the MMDiT's patch embedding: what marks an SD3 file
 TEXT_MODEL = "text_model."
 PROJECTION = "text_projection."
 
@@ -46,6 +54,7 @@ class Entry:
     original: str
     conv1x1: bool = False     # weight is a 1x1 conv in the original file and a linear layer in diffusers
     transposed: bool = False  # the original stores the matrix transposed (OpenCLIP's x @ text_projection)
+    swapped: bool = False     # the original orders the output halves (shift, scale), diffusers (scale, shift)
 
 
 class KeyTable:
@@ -78,6 +87,8 @@ class KeyTable:
             name, entry = found
             if entry.conv1x1:
                 tensor = conv1x1_to_linear(tensor, to_conv=to_original)
+            if entry.swapped:
+                tensor = torch.cat(tensor.chunk(2)[::-1])
             out[name] = tensor.T.contiguous() if entry.transposed else tensor
         if unknown:
             raise key_error(part, "unexpected", unknown)
@@ -222,6 +233,75 @@ def vae_table_for(sd: dict[str, Tensor], *, original: bool) -> KeyTable:
     return vae_table(count_indices(sd, "encoder.down_blocks."), count_indices(sd, "encoder.down_blocks.0.resnets."))
 
 
+# ---- MMDiT (SD3 / SD3.5: Stability's joint_blocks <-> diffusers SD3Transformer2DModel) ----
+
+# The attention projections diffusers keeps apart and the original fuses into one qkv: (diffusers name with {} for
+# q / k / v, the fused name on the diffusers side of the table).
+MMDIT_QKV = ((".attn.to_{}.", ".attn.qkv."), (".attn.add_{}_proj.", ".attn.add_qkv."), (".attn2.to_{}.", ".attn2.qkv."))
+
+
+def mmdit_table(layers: int) -> KeyTable:
+    """The MMDiT key table. Each joint block has an image stream (x_block) and a text stream (context_block); the
+    last block's text stream is pre-only (no output projection or MLP after its attention), and its adaLN layer, like
+    the final layer's, is diffusers' AdaLayerNormContinuous, which orders the halves the other way."""
+    entries = [Entry("pos_embed.pos_embed", "pos_embed"), Entry("pos_embed.proj.", "x_embedder.proj."),
+               Entry("time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+               Entry("time_text_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+               Entry("time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.0."),
+               Entry("time_text_embed.text_embedder.linear_2.", "y_embedder.mlp.2."),
+               Entry("context_embedder.", "context_embedder."), Entry("proj_out.", "final_layer.linear."),
+               Entry("norm_out.linear.", "final_layer.adaLN_modulation.1.", swapped=True)]
+    for i in range(layers):
+        d, x, c = f"transformer_blocks.{i}.", f"{MMDIT_BLOCKS}{i}.x_block.", f"{MMDIT_BLOCKS}{i}.context_block."
+        names = [("attn.qkv.", f"{x}attn.qkv."), ("attn.norm_q.", f"{x}attn.ln_q."), ("attn.norm_k.", f"{x}attn.ln_k."),
+                 ("attn.to_out.0.", f"{x}attn.proj."), ("attn2.qkv.", f"{x}attn2.qkv."),
+                 ("attn2.norm_q.", f"{x}attn2.ln_q."), ("attn2.norm_k.", f"{x}attn2.ln_k."),
+                 ("attn2.to_out.0.", f"{x}attn2.proj."), ("norm1.linear.", f"{x}adaLN_modulation.1."),
+                 ("ff.net.0.proj.", f"{x}mlp.fc1."), ("ff.net.2.", f"{x}mlp.fc2."),
+                 ("attn.add_qkv.", f"{c}attn.qkv."), ("attn.norm_added_q.", f"{c}attn.ln_q."),
+                 ("attn.norm_added_k.", f"{c}attn.ln_k."), ("attn.to_add_out.", f"{c}attn.proj."),
+                 ("ff_context.net.0.proj.", f"{c}mlp.fc1."), ("ff_context.net.2.", f"{c}mlp.fc2.")]
+        entries += [Entry(d + a, b) for a, b in names]
+        entries.append(Entry(f"{d}norm1_context.linear.", f"{c}adaLN_modulation.1.", swapped=i == layers - 1))
+    return KeyTable(entries)
+
+
+def fuse_mmdit_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate each attention's q, k, v projections into the one qkv projection of the original."""
+    out = dict(sd)
+    for key in sd:
+        for split, fused in MMDIT_QKV:
+            if split.format("q") in key:
+                names = [key.replace(split.format("q"), split.format(p)) for p in "qkv"]
+                if any(name not in sd for name in names):
+                    raise key_error("MMDiT", "missing", [name for name in names if name not in sd])
+                out[key.replace(split.format("q"), fused)] = torch.cat([out.pop(name) for name in names])
+    return out
+
+
+def split_mmdit_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Split each fused qkv projection into diffusers' q, k, v (thirds along the output dimension)."""
+    out = dict(sd)
+    for key in sd:
+        for split, fused in MMDIT_QKV:
+            if fused in key:
+                for p, chunk in zip("qkv", out.pop(key).chunk(3)):
+                    out[key.replace(fused, split.format(p))] = chunk.clone()
+    return out
+
+
+def mmdit_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The original MMDiT (model.diffusion_model. removed) in diffusers' SD3Transformer2DModel names."""
+    table = mmdit_table(count_indices(sd, MMDIT_BLOCKS))
+    return split_mmdit_qkv(table.convert(sd, to_original=False, part="MMDiT"))
+
+
+def diffusers_to_mmdit(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of mmdit_to_diffusers."""
+    table = mmdit_table(count_indices(sd, "transformer_blocks."))
+    return table.convert(fuse_mmdit_qkv(sd), to_original=True, part="MMDiT")
+
+
 # ---- Text encoders ----
 
 def text_model_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -324,6 +404,40 @@ REFINER_TEXT_ENCODERS = [(REFINER_OPEN_CLIP_PREFIX, "text_encoder_2", open_clip_
 TEXT_ENCODERS = [SD1_TEXT_ENCODER, SD2_TEXT_ENCODER, *SDXL_TEXT_ENCODERS, *REFINER_TEXT_ENCODERS]
 
 
+def sd3_clip_to_transformers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An SD3 file's CLIP encoder in transformers' CLIPTextModelWithProjection names, without the logit_scale some
+    files keep. Stability's files leave out CLIP-L's text_projection, which SD3 does not apply to CLIP-L's pooled
+    output: it becomes the identity matrix (what diffusers' SD3 folders hold)."""
+    sd = text_model_names({k: t for k, t in sd.items() if k != "logit_scale"})
+    if PROJECTION + "weight" not in sd:
+        width = sd[f"{TEXT_MODEL}final_layer_norm.weight"].shape[0]
+        sd[PROJECTION + "weight"] = torch.eye(width, dtype=sd[f"{TEXT_MODEL}final_layer_norm.weight"].dtype)
+    return sd
+
+
+def transformers_to_sd3_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of sd3_clip_to_transformers: an identity text_projection is left out, as in Stability's files."""
+    sd = text_model_names(sd)
+    projection = sd.get(PROJECTION + "weight")
+    if projection is not None and torch.equal(projection, torch.eye(*projection.shape, dtype=projection.dtype)):
+        del sd[PROJECTION + "weight"]
+    return sd
+
+
+def t5_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """T5's weights with the token embedding once, as shared.weight (encoder.embed_tokens is transformers' tied copy,
+    which some files keep too or instead)."""
+    out = {k: t for k, t in sd.items() if k != "encoder.embed_tokens.weight"}
+    if "shared.weight" not in out and "encoder.embed_tokens.weight" in sd:
+        out["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    return out
+
+
+SD3_TEXT_ENCODERS = [(SD3_CLIP_L_PREFIX, "text_encoder", sd3_clip_to_transformers, transformers_to_sd3_clip),
+                     (SD3_CLIP_G_PREFIX, "text_encoder_2", sd3_clip_to_transformers, transformers_to_sd3_clip),
+                     (SD3_T5_PREFIX, "text_encoder_3", t5_names, dict)]
+
+
 def written_text_encoders(parts: dict[str, dict[str, Tensor]], open_clip: bool | None) -> list[tuple]:
     """The TEXT_ENCODERS rows a file of these parts holds: SDXL's pair, the refiner's bigG, or SD's one encoder
     (OpenCLIP when open_clip is True; default: when its width is 1024, as in SD 2.x)."""
@@ -338,17 +452,20 @@ def written_text_encoders(parts: dict[str, dict[str, Tensor]], open_clip: bool |
 
 
 def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Original single-file state dict -> {"unet", "vae", "text_encoder"[, "text_encoder_2"]} in diffusers /
-    transformers names. EMA copies (model_ema.*), the schedule buffers and other non-model keys are skipped."""
-    unet = split_prefix(sd, UNET_PREFIX)
-    if not unet:
+    """Original single-file state dict -> {"unet", "vae", "text_encoder"[, "text_encoder_2"]} (SD3: "transformer",
+    "vae"[, "text_encoder", "text_encoder_2", "text_encoder_3"]) in diffusers / transformers names. EMA copies
+    (model_ema.*), the schedule buffers and other non-model keys are skipped."""
+    network = split_prefix(sd, UNET_PREFIX)
+    if not network:
         raise NanoDiffusionError(f"no UNet weights (keys starting with {UNET_PREFIX!r}): not a Stable Diffusion "
-                                 "checkpoint; pass a full SD 1.x / 2.x / XL file or a diffusers folder")
-    parts = {"unet": unet_table(UNetLayout.from_original(unet)).convert(unet, to_original=False, part="UNet")}
+                                 "checkpoint; pass a full SD 1.x / 2.x / XL / SD3 file or a diffusers folder")
+    sd3 = MMDIT_PATCHES in network
+    parts = ({"transformer": mmdit_to_diffusers(network)} if sd3 else
+             {"unet": unet_table(UNetLayout.from_original(network)).convert(network, to_original=False, part="UNet")})
     vae = {k: t for k, t in split_prefix(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
     if vae:
         parts["vae"] = vae_table_for(vae, original=True).convert(vae, to_original=False, part="VAE")
-    for prefix, part, read, _ in TEXT_ENCODERS:
+    for prefix, part, read, _ in SD3_TEXT_ENCODERS if sd3 else TEXT_ENCODERS:
         if has_prefix(sd, prefix):
             parts[part] = read(split_prefix(sd, prefix))
     if has_prefix(sd, LAYOUT_PREFIX):
@@ -357,15 +474,21 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]
 
 
 def diffusers_to_original(parts: dict[str, dict[str, Tensor]], *, open_clip: bool | None = None) -> dict[str, Tensor]:
-    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} -> one original single-file state dict. An SD text
-    encoder is written in OpenCLIP layout when open_clip is True (default: when its width is 1024, as in SD 2.x)."""
-    unet = parts["unet"]
-    sd = {UNET_PREFIX + k: t for k, t in unet_table(UNetLayout.from_diffusers(unet)).convert(
-        unet, to_original=True, part="UNet").items()}
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} (or SD3's parts) -> one original single-file state dict.
+    An SD text encoder is written in OpenCLIP layout when open_clip is True (default: when its width is 1024, as in
+    SD 2.x)."""
+    if "transformer" in parts:
+        network = diffusers_to_mmdit(parts["transformer"])
+        encoders = [row for row in SD3_TEXT_ENCODERS if row[1] in parts]
+    else:
+        unet = parts["unet"]
+        network = unet_table(UNetLayout.from_diffusers(unet)).convert(unet, to_original=True, part="UNet")
+        encoders = written_text_encoders(parts, open_clip)
+    sd = {UNET_PREFIX + k: t for k, t in network.items()}
     if "vae" in parts:
         vae = vae_table_for(parts["vae"], original=False).convert(parts["vae"], to_original=True, part="VAE")
         sd.update({VAE_PREFIX + k: t for k, t in vae.items()})
     sd.update({LAYOUT_PREFIX + k: t for k, t in parts.get("layout", {}).items()})
-    for prefix, part, _, write in written_text_encoders(parts, open_clip):
+    for prefix, part, _, write in encoders:
         sd.update({prefix + k: t for k, t in write(parts[part]).items()})
     return sd

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 import shutil
@@ -23,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import sdxl
+from . import sd3, sdxl
 from .checkpoint_keys import (
     CLIP_PREFIX,
+    MMDIT_PATCHES,
     OPEN_CLIP_PREFIX,
     PROJECTION,
     REFINER_OPEN_CLIP_PREFIX,
@@ -36,6 +38,7 @@ from .checkpoint_keys import (
     has_prefix,
     key_error,
     original_to_diffusers,
+    t5_names,
     text_model_names,
 )
 from .errors import NanoDiffusionError, choice_error
@@ -49,6 +52,7 @@ PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffuser
                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "scheduler": ["diffusers", "PNDMScheduler"], "layout": ["nanodiffusion", "LayoutModel"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "SD3Transformer2DModel"],
                 "text_encoder_3": ["transformers", "T5EncoderModel"]}
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"   # rectified flow (SD3): the network predicts a velocity
@@ -159,12 +163,15 @@ class Checkpoint:
     info: dict = field(default_factory=dict)            # format, version, inpainting, path (SDXL: SDXL_FLAGS)
     tokenizer_dir: Path | None = None                   # folder with vocab.json + merges.txt, when there is one
     tokenizer_2_dir: Path | None = None                 # SDXL's second (bigG) tokenizer folder, when there is one
+    tokenizer_3_dir: Path | None = None                 # SD3's T5 tokenizer folder (tokenizer.json), when there is one
 
 
 def detect_version(sd: dict[str, Tensor]) -> str:
     """"v1" (CLIP ViT-L, context 768), "v2" (OpenCLIP ViT-H, context 1024), "xl" (CLIP ViT-L + OpenCLIP bigG,
-    context 2048) or "xl-refiner" (bigG alone, context 1280) from an original file's keys, "custom" for other
-    sizes."""
+    context 2048), "xl-refiner" (bigG alone, context 1280) or "sd3" (an MMDiT, SD3 and SD3.5) from an original file's
+    keys, "custom" for other sizes."""
+    if UNET_PREFIX + MMDIT_PATCHES in sd:
+        return "sd3"
     if has_prefix(sd, SDXL_OPEN_CLIP_PREFIX):
         return "xl"
     if has_prefix(sd, REFINER_OPEN_CLIP_PREFIX):
@@ -246,10 +253,13 @@ def load_single_file(path: Path, keep_dtype: bool = False) -> Checkpoint:
     parts = original_to_diffusers(sd)
     saved = read_metadata(path)
     configs = {name: saved.get(name) or infer_config(name, part, version) for name, part in parts.items()}
-    default = sdxl.scheduler_config() if version in SDXL_VERSIONS else default_scheduler("epsilon")
+    default = (sdxl.scheduler_config() if version in SDXL_VERSIONS else dict(sd3.SCHEDULER) if version == "sd3"
+               else default_scheduler("epsilon"))
     scheduler = saved.get("scheduler") or default
+    tokenizer_3 = path.parent / "tokenizer_3"   # SD3's T5 tokenizer, which no single file holds
     return Checkpoint(parts, configs, scheduler, {"format": sniff_format(path), "version": version,
-                                                  "inferred": not saved, **sdxl_flags(version, saved)})
+                                                  "inferred": not saved, **sdxl_flags(version, saved)},
+                      tokenizer_3_dir=tokenizer_3 if "text_encoder_3" in parts and tokenizer_3.is_dir() else None)
 
 
 def header_keys(path: Path) -> list[str]:
@@ -264,18 +274,20 @@ def header_keys(path: Path) -> list[str]:
 def check_stable_diffusion(path: Path, keys: Collection[str]) -> None:
     """Refuse, in one line naming what the file holds, a model file that is no Stable Diffusion single file: a Flux.1
     transformer (BFL's double_blocks / single_blocks or diffusers' single_transformer_blocks, bare or under
-    model.diffusion_model. as ComfyUI packs it), or any other file without the UNet's input_blocks."""
+    model.diffusion_model. as ComfyUI packs it), or any other file without the UNet's input_blocks or SD3's MMDiT
+    (its x_embedder)."""
     names = [key.removeprefix(UNET_PREFIX) for key in keys]
     flux = next((name for name in names if name.startswith(FLUX_BLOCKS)), None)
     if flux is not None:
         raise NanoDiffusionError(f"Flux.1 is not supported: {path.name} is a Flux.1 transformer ({flux}, ...); "
-                                 "nanodiffusion runs Stable Diffusion 1.x / 2.x / XL files and SD3 folders")
-    if names and not any(key.startswith(UNET_PREFIX + "input_blocks.") for key in keys):
+                                 "nanodiffusion runs Stable Diffusion 1.x / 2.x / XL / SD3 files and folders")
+    if names and UNET_PREFIX + MMDIT_PATCHES not in keys and not any(key.startswith(UNET_PREFIX + "input_blocks.")
+                                                                     for key in keys):
         groups = list(dict.fromkeys(name.split(".")[0] for name in names))
         held = ", ".join(groups[:5]) + (", ..." if len(groups) > 5 else "")
         raise NanoDiffusionError(f"unknown model file {path.name}: no Stable Diffusion UNet ({UNET_PREFIX}input_blocks"
-                                 f".*); it holds {held} ({len(names)} tensors): pass an SD 1.x / 2.x / XL checkpoint "
-                                 "or a diffusers folder")
+                                 f".*); it holds {held} ({len(names)} tensors): pass an SD 1.x / 2.x / XL / SD3 "
+                                 "checkpoint or a diffusers folder")
 
 
 def sdxl_flags(version: str, index: dict) -> dict:
@@ -306,8 +318,10 @@ def read_metadata(path: Path) -> dict:
 
 def infer_config(part: str, sd: dict[str, Tensor], version: str) -> dict:
     """The config.json for one part, inferred from its state dict."""
-    return {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_text_config,
-            "text_encoder_2": infer_text_config}[part](sd, version)
+    if part.startswith("text_encoder") and part != "text_encoder_3":
+        return infer_text_config(sd, version, part)
+    return {"unet": infer_unet_config, "transformer": infer_mmdit_config, "vae": infer_vae_config,
+            "text_encoder_3": infer_t5_config}[part](sd, version)
 
 
 def infer_unet_config(sd: dict[str, Tensor], version: str) -> dict:
@@ -347,8 +361,32 @@ def transformer_depths(sd: dict[str, Tensor], attention: list[bool]) -> int | li
     return [d if d is not None else 1 for d in depths[:-1]] + [mid]
 
 
+def infer_mmdit_config(sd: dict[str, Tensor], version: str) -> dict:
+    """SD3 / SD3.5's MMDiT config from shapes. Heads are 64 wide, as in every published model (SD3.5's QK-norm weights
+    give the width); the position grid is square; QK RMSNorm (SD3.5) and the dual-attention blocks (SD3.5 medium's
+    attn2) show in the names."""
+    patches = sd["pos_embed.proj.weight"]                         # [inner, in_channels, patch, patch]
+    norm = sd.get("transformer_blocks.0.attn.norm_q.weight")
+    head = norm.shape[0] if norm is not None else 64
+    patch, grid = patches.shape[2], math.isqrt(sd["pos_embed.pos_embed"].shape[1])
+    layers = count_indices(sd, "transformer_blocks.")
+    return {"_class_name": "SD3Transformer2DModel", "sample_size": min(sd3.SAMPLE_SIZE, grid * patch),
+            "patch_size": patch, "in_channels": patches.shape[1], "num_layers": layers, "attention_head_dim": head,
+            "num_attention_heads": patches.shape[0] // head,
+            "joint_attention_dim": sd["context_embedder.weight"].shape[1],
+            "caption_projection_dim": sd["context_embedder.weight"].shape[0],
+            "pooled_projection_dim": sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+            "out_channels": sd["proj_out.weight"].shape[0] // patch ** 2, "pos_embed_max_size": grid,
+            "qk_norm": "rms_norm" if norm is not None else None,
+            "dual_attention_layers": [i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd]}
+
+
 def infer_vae_config(sd: dict[str, Tensor], version: str) -> dict:
-    """AutoencoderKL config from shapes; latents are scaled by 0.18215 (SD 1.x / 2.x), SDXL's by 0.13025."""
+    """AutoencoderKL config from shapes; latents are scaled by 0.18215 (SD 1.x / 2.x), SDXL's by 0.13025, SD3's
+    16 channels shifted by 0.0609 and scaled by 1.5305 (SD3's VAE has no quant_conv / post_quant_conv)."""
+    if version == "sd3":
+        return {**infer_vae_config(sd, "custom"), "use_quant_conv": "quant_conv.weight" in sd,
+                "use_post_quant_conv": "post_quant_conv.weight" in sd, **sd3.VAE_SETTINGS}
     levels = count_indices(sd, "encoder.down_blocks.")
     return {"_class_name": "AutoencoderKL", "sample_size": 512,
             "in_channels": sd["encoder.conv_in.weight"].shape[1],
@@ -361,13 +399,16 @@ def infer_vae_config(sd: dict[str, Tensor], version: str) -> dict:
             "scaling_factor": 0.18215, **(sdxl.VAE_SETTINGS if version in SDXL_VERSIONS else {})}
 
 
-def infer_text_config(sd: dict[str, Tensor], version: str) -> dict:
-    """CLIPTextModel config from shapes: heads of width 64; OpenAI CLIP (v1, XL's first encoder) uses quick_gelu,
-    OpenCLIP (v2, XL's bigG, the one with a text_projection) gelu."""
+def infer_text_config(sd: dict[str, Tensor], version: str, part: str = "text_encoder") -> dict:
+    """CLIPTextModel config from shapes: heads of width 64; OpenAI CLIP (v1, XL's and SD3's first encoder) uses
+    quick_gelu, OpenCLIP (v2, XL's and SD3's bigG: text_encoder_2) gelu; with a text_projection (XL's bigG, both of
+    SD3's), a CLIPTextModelWithProjection."""
     tokens = sd["text_model.embeddings.token_embedding.weight"]
     projection = sd.get(PROJECTION + "weight")
+    open_clip = version == "v2" or part == "text_encoder_2"
     if projection is not None:
-        return {**infer_text_config({k: t for k, t in sd.items() if k != PROJECTION + "weight"}, "v2"),
+        without = {k: t for k, t in sd.items() if k != PROJECTION + "weight"}
+        return {**infer_text_config(without, "v2" if open_clip else "v1"),
                 "architectures": ["CLIPTextModelWithProjection"], "projection_dim": projection.shape[0]}
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
             "vocab_size": tokens.shape[0], "hidden_size": tokens.shape[1],
@@ -377,6 +418,21 @@ def infer_text_config(sd: dict[str, Tensor], version: str) -> dict:
             "num_attention_heads": tokens.shape[1] // 64,
             "hidden_act": "gelu" if version == "v2" else "quick_gelu", "layer_norm_eps": 1e-5,
             "projection_dim": 512 if version == "v2" else 768, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+
+
+def infer_t5_config(sd: dict[str, Tensor], version: str) -> dict:
+    """SD3's T5 v1.1 encoder (T5-XXL) config from shapes: the relative position bias [buckets, heads] gives the heads,
+    a gated wi_0 the gated-GELU feed-forward; the bias's maximum distance (128) is not in the shapes."""
+    tokens = sd["shared.weight"]
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = sd[f"{attention}relative_attention_bias.weight"].shape
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    inner = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")]
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": tokens.shape[0],
+            "d_model": tokens.shape[1], "d_kv": sd[f"{attention}q.weight"].shape[0] // heads, "d_ff": inner.shape[0],
+            "num_layers": count_indices(sd, "encoder.block."), "num_heads": heads,
+            "relative_attention_num_buckets": buckets, "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu" if gated else "relu"}
 
 
 def default_scheduler(prediction: str) -> dict:
@@ -427,7 +483,7 @@ def modern_vae_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 NAME_FIXES = {"unet": dict, "transformer": dict, "vae": modern_vae_names, "text_encoder": text_model_names,
-              "text_encoder_2": text_model_names, "text_encoder_3": dict, "layout": dict}
+              "text_encoder_2": text_model_names, "text_encoder_3": t5_names, "layout": dict}
 
 
 def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
@@ -447,12 +503,12 @@ def load_folder(path: Path, keep_dtype: bool = False) -> Checkpoint:
         parts[name] = NAME_FIXES[name](load_state_dict(part_weights(path / name), keep_dtype=keep_dtype))
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_file) if scheduler_file.is_file() else default_scheduler("epsilon")
-    tokenizer, tokenizer_2 = path / "tokenizer", path / "tokenizer_2"
+    tokenizers = [path / name for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
     version = version_from_parts(parts)
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     return Checkpoint(parts, configs, scheduler, {"format": "diffusers", "version": version,
                                                   **sdxl_flags(version, index)},
-                      tokenizer if tokenizer.is_dir() else None, tokenizer_2 if tokenizer_2.is_dir() else None)
+                      *(folder if folder.is_dir() else None for folder in tokenizers))
 
 
 def check_transformer(folder: Path, config: dict) -> None:
@@ -469,7 +525,8 @@ def check_transformer(folder: Path, config: dict) -> None:
 
 def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:
     """Write a diffusers pipeline folder that diffusers.StableDiffusionPipeline.from_pretrained loads (SDXL:
-    StableDiffusionXLPipeline, the refiner StableDiffusionXLImg2ImgPipeline)."""
+    StableDiffusionXLPipeline, the refiner StableDiffusionXLImg2ImgPipeline; SD3: StableDiffusion3Pipeline, with the
+    T5 tokenizer when the checkpoint has one)."""
     folder = Path(folder)
     version = ckpt.info.get("version", "v1")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -481,13 +538,19 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:
                  "image_encoder": [None, None], "text_encoder": [None, None], "tokenizer": [None, None],
                  "scheduler": ["diffusers", ckpt.scheduler.get("_class_name", "EulerDiscreteScheduler")],
                  **sdxl_flags(version, ckpt.info)}
+    if version == "sd3":
+        index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                 "feature_extractor": [None, None], "image_encoder": [None, None],
+                 "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+                 "scheduler": ["diffusers", ckpt.scheduler.get("_class_name", FLOW_SCHEDULER)]}
     for name, sd in ckpt.parts.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         config = with_class(name, ckpt.configs[name])
         (folder / name / "config.json").write_text(json.dumps(config, indent=2))
         weights = "model.safetensors" if name.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
         save_file({k: t.contiguous() for k, t in sd.items()}, folder / name / weights)
-        index[name] = PART_CLASSES[name]
+        library, cls = PART_CLASSES[name]
+        index[name] = [library, (config.get("architectures") or [cls])[0] if library == "transformers" else cls]
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = {"_class_name": PART_CLASSES["scheduler"][1], **ckpt.scheduler, "_diffusers_version": DIFFUSERS_VERSION}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
@@ -498,6 +561,9 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> None:
         if source is not None:
             save_tokenizer(Path(source), folder / name, pad)
             index[name] = PART_CLASSES[name]
+    if ckpt.tokenizer_3_dir is not None and "text_encoder_3" in ckpt.parts:
+        shutil.copytree(ckpt.tokenizer_3_dir, folder / "tokenizer_3", dirs_exist_ok=True)
+        index["tokenizer_3"] = PART_CLASSES["tokenizer_3"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 

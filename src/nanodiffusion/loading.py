@@ -188,27 +188,46 @@ def choose_t5(ckpt: Checkpoint, t5: bool) -> None:
         raise NanoDiffusionError(f"{name} is not an SD3 model (version {ckpt.info.get('version')}): it has no T5 "
                                  "text encoder to use")
     if t5 and "text_encoder_3" not in ckpt.parts:
-        raise NanoDiffusionError(f"{name} has no T5 text encoder (no text_encoder_3/): load it without T5, or use "
-                                 "an SD3 folder that includes T5")
+        where = "text_encoder_3/" if ckpt.info.get("format") == "diffusers" else "text_encoders.t5xxl."
+        raise NanoDiffusionError(f"{name} has no T5 text encoder (no {where}): load it without T5, or use an SD3 "
+                                 "folder or file that includes T5")
     if not t5:
         ckpt.parts.pop("text_encoder_3", None)
 
 
 def sd3_models(ckpt: Checkpoint, dtype: torch.dtype = torch.float32
                ) -> tuple[SD3Transformer2DModel, AutoencoderKL, CLIPTextModelWithProjection, dict]:
-    """The networks of a loaded SD3 / SD3.5 folder (Esser et al. 2024): the MMDiT, the 16-channel VAE, CLIP-L, and as
-    the Pipeline's other fields CLIP-G with its tokenizer and T5's encoder with its tokenizer (None when the folder
-    has no text_encoder_3/: the model runs without T5)."""
-    missing = [part for part in ("vae", "text_encoder", "text_encoder_2") if part not in ckpt.parts]
-    if missing:
-        raise NanoDiffusionError(f"{ckpt.info.get('path', 'the model')}: not a complete SD3 folder (no "
-                                 f"{', '.join(missing)}/); it needs a VAE, CLIP-L and CLIP-G, and T5 optionally")
+    """The networks of a loaded SD3 / SD3.5 folder or single file (Esser et al. 2024): the MMDiT, the 16-channel VAE,
+    CLIP-L, and as the Pipeline's other fields CLIP-G with its tokenizer and T5's encoder with its tokenizer (None
+    when the model has no T5: it runs without)."""
+    check_sd3_parts(ckpt)
     t5 = "text_encoder_3" in ckpt.parts
     extra = {
         "text_encoder_2": build_network(ckpt, "text_encoder_2", CLIPTextConfig, CLIPTextModelWithProjection, dtype),
         "tokenizer_2": load_tokenizer(ckpt.tokenizer_2_dir, pad_with=None if ckpt.tokenizer_2_dir else "!"),
         "text_encoder_3": build_network(ckpt, "text_encoder_3", T5Config, T5EncoderModel, dtype) if t5 else None,
-        "tokenizer_3": T5Tokenizer.from_folder(ckpt.info["path"]) if t5 else None}
+        "tokenizer_3": T5Tokenizer.from_folder(ckpt.tokenizer_3_dir or ckpt.info["path"]) if t5 else None}
     return (build_network(ckpt, "transformer", MMDiTConfig, SD3Transformer2DModel, dtype),
             build_network(ckpt, "vae", VAEConfig, AutoencoderKL, dtype),
             build_network(ckpt, "text_encoder", CLIPTextConfig, CLIPTextModelWithProjection, dtype), extra)
+
+
+def check_sd3_parts(ckpt: Checkpoint) -> None:
+    """An SD3 model needs a VAE, CLIP-L and CLIP-G (T5 is optional): a folder or single file without them, or a single
+    file with T5 but no T5 tokenizer beside it (no file holds one), is one clear line saying what to do."""
+    name = Path(ckpt.info["path"]).name
+    missing = [part for part in ("vae", "text_encoder", "text_encoder_2") if part not in ckpt.parts]
+    if ckpt.info.get("format") == "diffusers":
+        if missing:
+            raise NanoDiffusionError(f"{name}: not a complete SD3 folder (no {', '.join(missing)}/); it needs a VAE, "
+                                     "CLIP-L and CLIP-G, and T5 optionally")
+        return
+    names = {"vae": "VAE (first_stage_model.)", "text_encoder": "CLIP-L (text_encoders.clip_l.)",
+             "text_encoder_2": "CLIP-G (text_encoders.clip_g.)"}
+    if missing:
+        raise NanoDiffusionError(f"{name} has no {', no '.join(names[part] for part in missing)}: SD3 needs a VAE and "
+                                 "both CLIP-L and CLIP-G text encoders (T5 optionally); use a file that includes them "
+                                 "(such as sd3_medium_incl_clips.safetensors) or a diffusers folder")
+    if "text_encoder_3" in ckpt.parts and ckpt.tokenizer_3_dir is None:
+        raise NanoDiffusionError(f"{name} holds T5-XXL but no file holds its tokenizer: put T5's tokenizer.json in a "
+                                 "tokenizer_3/ folder beside the file, or load it without T5 (--no-t5)")

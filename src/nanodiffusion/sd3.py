@@ -16,6 +16,11 @@ from .models.clip import CLIPTextModelWithProjection
 from .models.t5 import T5_MAX_LENGTH, T5EncoderModel
 
 DEFAULTS = {"default_steps": 28, "default_sampler": "euler"}   # diffusers' SD3 pipeline call (its cfg: 7, ours too)
+# What a single file does not say, as Stability's diffusers folders give it: the 16-channel VAE's latent scale and
+# shift, the transformer's default size (128 latents: 1024 px), and the shifted rectified-flow schedule.
+VAE_SETTINGS = {"sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+SAMPLE_SIZE = 128
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
 def clip_states(encoder: CLIPTextModelWithProjection, ids: Tensor, state: int) -> tuple[Tensor, Tensor]:
