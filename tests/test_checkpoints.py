@@ -13,10 +13,11 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from nanodiffusion.checkpoint_configs import infer_unet_config, infer_vae_config
 from nanodiffusion.checkpoint_keys import diffusers_to_original, original_to_diffusers, text_model_names
 from nanodiffusion.checkpoints import (Checkpoint, convert, default_scheduler, describe, detect_version,
-                                       infer_unet_config, infer_vae_config, load_checkpoint, load_folder, load_into,
-                                       load_state_dict, model_hash, save_diffusers, save_single_file)
+                                       load_checkpoint, load_folder, load_into, load_state_dict, model_hash,
+                                       save_diffusers, save_single_file)
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.models.clip import CLIPTextConfig as CLIPTextConfig_ours
 from nanodiffusion.models.clip import CLIPTextModel as CLIPTextModel_ours

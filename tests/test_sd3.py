@@ -341,7 +341,7 @@ def test_single_file_layout_matches_diffusers_converter(kw):
                                                      convert_sd3_transformer_checkpoint_to_diffusers)
 
     from nanodiffusion.checkpoint_keys import diffusers_to_original, original_to_diffusers
-    from nanodiffusion.checkpoints import infer_config
+    from nanodiffusion.checkpoint_configs import infer_config
 
     models = sd3_parts(diffusers, transformers, True, INFERABLE, num_layers=3, **kw)
     parts = {name: state_dict(models[name]) for name in ("transformer", "vae", "text_encoder", "text_encoder_2",
