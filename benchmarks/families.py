@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from perf import timed   # benchmarks/perf.py: warm-up, then medians of wall and CPU seconds
+from perf import run_worker, timed   # benchmarks/perf.py: a measurement's subprocess; warm-up, then medians
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -149,14 +149,6 @@ def worker(spec: dict) -> None:
                       "output_abs_max": out.abs().max().item(), "finite": bool(torch.isfinite(out).all())}))
 
 
-def run_worker(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          check=False)
-    if done.returncode:
-        raise RuntimeError(f"{spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # ---------------------------------------------------------------- the table
 
 def output_path(family: str, size: int, dtype: str, side: str) -> Path:
@@ -242,7 +234,7 @@ def main() -> None:
                     for side in ("ours", "diffusers"):
                         spec = {"family": family, "side": side, "size": size, "dtype": dtype, "repeats": repeats,
                                 "output": str(output_path(family, size, dtype, side))}
-                        row[side] = run_worker(spec)
+                        row[side] = run_worker(spec, __file__)
                         print(f"{family} {size} {dtype} {side}: {row[side]}", flush=True)
                 except RuntimeError as error:
                     print(error, flush=True)

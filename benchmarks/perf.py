@@ -228,12 +228,12 @@ def worker(spec: dict) -> None:
     print(json.dumps(result))
 
 
-def run_worker(spec: dict) -> dict:
-    """One measurement in a fresh interpreter (so the peak RSS is its own)."""
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+def run_worker(spec: dict, script: str = __file__) -> dict:
+    """One measurement in a fresh interpreter running `script --worker SPEC` (so the peak RSS is its own)."""
+    done = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           check=False)
     if done.returncode:
-        raise RuntimeError(f"{spec['side']} {spec['task']} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
