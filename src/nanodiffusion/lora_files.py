@@ -303,7 +303,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """Take out the web UI's `<lora:NAME>` / `<lora:NAME:WEIGHT>` tags: (prompt without them, [(name, weight)]).
 
     A tag runs from `<lora:` to the next `>`; further `:fields` are ignored, and `<lora:` with no name is plain
-    text. One forward scan with str.find (each `>` is looked for once), so any prompt is read in linear time.
+    text. One forward scan with str.find (each `>` is looked for once, each tag copied once), so any prompt is read
+    in linear time.
     """
     pieces, tags = [], []
     kept = 0            # prompt[kept:] is not yet copied to pieces
@@ -314,10 +315,10 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             close = prompt.find(">", start)
             if close == -1:
                 break
-        name, _, rest = prompt[start + len(TAG_OPEN):close].partition(":")
-        if not name:
+        if prompt[start + len(TAG_OPEN)] in ":>":    # no name: plain text (checked without copying the tag)
             start = prompt.find(TAG_OPEN, start + 1)
             continue
+        name, _, rest = prompt[start + len(TAG_OPEN):close].partition(":")
         tag = prompt[start:close + 1]
         weight, _, _ = rest.partition(":")
         if not name.strip():
