@@ -7,7 +7,7 @@ time, so its peak RSS is that side's alone. One step = one forward at batch 1 on
     conditioning text_embeds [1, 1280] and time_ids [1, 6] (size s, crop 0, target size s);
   * SD3 medium MMDiT (24 blocks, 1536 wide, patch 2): latents [1, 16, s/8, s/8], timestep 500, context
     [1, 333, 4096] (77 CLIP + 256 T5 tokens), pooled [1, 2048].
-Ours is loaded as nanodiffusion's loader does it (built on the meta device, the file's tensors as parameters,
+Ours is loaded as nanodiffusion's loader does it (built uninitialised, the file's tensors as parameters,
 storage.store_weights, then precision.compute_in with set_precision's arguments: float32 packs the weights in
 oneDNN's layout, bfloat16 packs them in bfloat16 and computes in it); diffusers' is `from_pretrained` with
 torch_dtype float32 / bfloat16. Median wall and CPU seconds of the timed repeats after one warm-up, the warm-up

@@ -255,6 +255,30 @@ def test_model_hash_is_sha256_prefix(tmp_path):
     assert model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
 
+def test_model_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """The digest is read from the cache while size and mtime stand, and computed again when the file changes."""
+    import json
+    import os
+
+    from nanodiffusion.file_hashes import cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(10)}, path)
+    true = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model_hash(path) == true[:10]
+    cache = json.loads(cache_path().read_text())
+    assert cache[str(path.resolve())]["sha256"] == true
+    cache[str(path.resolve())]["sha256"] = "f" * 64   # a remembered digest is used as it is: the file is not read
+    cache_path().write_text(json.dumps(cache))
+    assert model_hash(path) == "f" * 10
+    save_file({"w": torch.ones(10)}, path)
+    os.utime(path, ns=(1, 1))                          # same size, another mtime: hashed again
+    assert model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10] != true[:10]
+    cache_path().write_text("{not json")               # an unreadable cache is only slower
+    assert model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
 def tiny_checkpoint(v1_parts) -> Checkpoint:
     unet, vae, text = tiny_unet(), tiny_vae(), tiny_clip()
     configs = {"unet": dict(unet.config), "vae": dict(vae.config),

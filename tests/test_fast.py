@@ -187,7 +187,7 @@ def test_cli_flags_build_the_options_and_bad_values_are_clear_errors():
 def test_released_pages_read_back_from_the_file_and_anonymous_memory_is_left_alone(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from nanodiffusion.storage import file_mappings, release_pages
+    from nanodiffusion.file_pages import file_mappings, release_pages
 
     weights = {"w": torch.randn(256, 1024)}   # 1 MiB: whole pages inside
     save_file(weights, tmp_path / "w.safetensors")
@@ -217,3 +217,22 @@ def test_packed_weights_survive_a_batch_change_and_stay_exact():
         assert torch.equal(one, conv(x[:1]))
         torch.testing.assert_close(one, exact)
         assert copy.deepcopy(conv).packed is None   # a copy packs its own weight
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
+def test_small_weights_and_1x1_convolutions_repack_per_input_size_big_weights_keep_their_layout(monkeypatch):
+    from nanodiffusion import packing
+
+    monkeypatch.setattr(packing, "REPACK_MAX", 100)
+    layers = {"small 3x3": torch.nn.Conv2d(2, 4, 3, padding=1), "big 3x3": torch.nn.Conv2d(8, 8, 3, padding=1),
+              "big 1x1": torch.nn.Conv2d(16, 16, 1), "big linear": torch.nn.Linear(16, 16)}
+    expected_side = {"small 3x3": 4, "big 3x3": 32, "big 1x1": 4, "big linear": 32}
+    for name, layer in layers.items():
+        plain = copy.deepcopy(layer).requires_grad_(False)
+        layer = packing.packed_layers(torch.nn.Sequential(layer.requires_grad_(False)))[0]
+        for side in (32, 4):
+            x = torch.randn(2, layer.weight.shape[1], side, side)
+            x = x if isinstance(layer, torch.nn.Conv2d) else x.flatten(2).transpose(1, 2)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert layer.packed[0][3] == expected_side[name], name

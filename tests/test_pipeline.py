@@ -160,14 +160,22 @@ def test_prompt_warnings_name_what_the_model_will_not_read(pipe):
         pipe("circle " * (pipe.tokenizer.model_max_length + 5), steps=1, seed=0)
 
 
-def test_meta_device_build_loads_the_same_model(monkeypatch):
-    """Big checkpoints are built on the meta device (no random init); the result equals the ordinary build."""
-    from nanodiffusion import loading
+def test_uninitialised_build_loads_the_same_model():
+    """Networks are built without their random init (storage.uninitialised) and take the checkpoint's tensors: the
+    same network as an ordinarily built one that loads them, with real (not meta) buffers."""
+    from nanodiffusion.storage import uninitialised
 
-    plain = Pipeline.load()
-    monkeypatch.setattr(loading, "META_BUILD_MIN", 0)
-    meta = Pipeline.load()
-    for a, b in ((plain.unet, meta.unet), (plain.vae, meta.vae), (plain.text_encoder, meta.text_encoder)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert torch.equal(pixels(plain("a red circle", steps=2, seed=0)), pixels(meta("a red circle", steps=2, seed=0)))
+    pipe = Pipeline.load()
+    weights = pipe.unet.state_dict()
+    with uninitialised():
+        untouched = torch.zeros(3)
+        torch.nn.init.ones_(untouched)
+        fast = type(pipe.unet)(pipe.unet.config)
+    assert not untouched.any() and not any(t.is_meta for t in [*fast.parameters(), *fast.buffers()])
+    ordinary = type(pipe.unet)(pipe.unet.config)
+    fast.load_state_dict(weights, assign=True)
+    ordinary.load_state_dict(weights)
+    x, t = torch.randn(1, pipe.unet.config.in_channels, 8, 8), torch.tensor([500])
+    context = torch.randn(1, 3, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(fast(x, t, context), ordinary(x, t, context))

@@ -8,7 +8,6 @@ Pickles are only ever read with torch.load(weights_only=True): a file that would
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -40,6 +39,7 @@ from .checkpoint_keys import (
 )
 from .checkpoint_configs import SDXL_VERSIONS, infer_config
 from .errors import NanoDiffusionError, choice_error
+from .file_hashes import file_sha256
 from .models.clip import BOS, EOS
 from .prediction import choose_prediction
 
@@ -135,8 +135,9 @@ def to_float32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def load_into(model: torch.nn.Module, sd: dict[str, Tensor], part: str) -> None:
-    """model.load_state_dict with one-line errors naming missing / unexpected keys and mismatched shapes."""
+def load_into(model: torch.nn.Module, sd: dict[str, Tensor], part: str, assign: bool = False) -> None:
+    """model.load_state_dict with one-line errors naming missing / unexpected keys and mismatched shapes; with
+    `assign` the checkpoint's tensors become the parameters (no copy)."""
     expected = model.state_dict()
     for kind, keys in (("missing", expected.keys() - sd.keys()), ("unexpected", sd.keys() - expected.keys())):
         if keys:
@@ -145,7 +146,7 @@ def load_into(model: torch.nn.Module, sd: dict[str, Tensor], part: str) -> None:
         if tensor.shape != expected[key].shape:
             raise NanoDiffusionError(f"{part}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, "
                                      f"model {tuple(expected[key].shape)}; the config does not match the weights")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, assign=assign)
 
 
 # ---- A loaded checkpoint ----
@@ -483,15 +484,11 @@ def save_single_file(ckpt: Checkpoint, path: str | Path) -> None:
 
 def model_hash(path: str | Path) -> str:
     """The web UI's "Model hash": the first 10 hex digits of the file's sha256 (a folder: its UNet weights, SD3's
-    transformer weights)."""
+    transformer weights), remembered between runs (file_hashes.py)."""
     path = Path(path)
     if path.is_dir():
         path = part_weights(path / ("transformer" if (path / "transformer").is_dir() else "unet"))
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def describe(path: str | Path) -> dict:

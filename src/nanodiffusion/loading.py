@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 
+from .allocator import fix_mmap_threshold
 from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash, read_json, settle_prediction
 from .errors import NanoDiffusionError
 from .flow_schedule import FlowSchedule
@@ -23,15 +23,12 @@ from .precision import precision_dtype, set_precision
 from .schedules import NoiseSchedule
 from .sd3 import DEFAULTS as SD3_DEFAULTS
 from .sdxl import SDXLModels
-from .storage import store_weights
+from .storage import store_weights, uninitialised
 from .storage import weights_dtype as parse_weights_dtype
 
 BUILTIN = Path(__file__).parent / "weights" / "builtin"
 FEW_STEP_DEFAULTS = {"default_steps": 4, "default_sampler": "lcm"}   # a folder whose scheduler is LCMScheduler
 NAMED_MODELS = {"builtin": BUILTIN, "builtin-lcm": BUILTIN.with_name("builtin_lcm")}   # --model NAME: shipped models
-# Networks with more parameters are built on the meta device; smaller ones initialise faster than the meta
-# device's one-off set-up (~1.7 s of imports), which would dominate the built-in model's start-up.
-META_BUILD_MIN = 50_000_000
 T = TypeVar("T")
 SETTING_TYPES = {"name": str, "default_size": int, "clip_skip": int, "default_cfg": (int, float),
                  "default_layout_cfg": (int, float)}
@@ -79,6 +76,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
     linear weights are stored in `weights_dtype` (None: float32; see storage.py), or converted once to the
     compute `precision` when that is bfloat16 (precision.py); `t5` as choose_t5 says (None: the model's own)."""
     dtype = parse_weights_dtype(weights_dtype)
+    fix_mmap_threshold()   # big activations go back to the kernel when freed (allocator.py)
     source = BUILTIN if path is None else NAMED_MODELS.get(str(path), Path(path))
     if path is None and not (BUILTIN / "model_index.json").is_file():
         raise NanoDiffusionError(f"the built-in model is missing from {BUILTIN}: reinstall nanodiffusion "
@@ -136,17 +134,12 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
 
 def build_network(ckpt: Checkpoint, part: str, config_cls: type, model_cls: type,
                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """One network of the checkpoint from its config, its weights loaded (strict). Big networks are built on the
-    meta device (no random init) and take the checkpoint's tensors as their parameters, which leave `ckpt`;
-    store_weights then copies them into memory in their storage dtype one by one, so loading never holds a second
-    copy of the weights."""
-    big = sum(t.numel() for t in ckpt.parts[part].values()) > META_BUILD_MIN
-    with torch.device("meta") if big else nullcontext():
+    """One network of the checkpoint from its config, its weights loaded (strict). It is built uninitialised
+    (storage.uninitialised) and takes the checkpoint's tensors as its parameters, which leave `ckpt`; store_weights
+    then copies them into memory in their storage dtype one by one, so loading never holds a second copy."""
+    with uninitialised():
         model = from_config(lambda config: model_cls(config_cls.from_dict(config)), ckpt.configs[part], part)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        load_into(model, ckpt.parts[part], part)   # checks names and shapes; copying onto meta is a no-op
-    model.load_state_dict(ckpt.parts.pop(part), assign=True)
+    load_into(model, ckpt.parts.pop(part), part, assign=True)
     return store_weights(model.eval().requires_grad_(False), dtype)
 
 

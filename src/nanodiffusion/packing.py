@@ -20,8 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .file_pages import file_mappings, release_pages
+
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
+# Weights of up to this many elements, and 1 x 1 convolutions, get a layout per input size class: with a layout
+# picked for 32 x 32, some small convolutions (96 or 192 output channels) run 15-80x slower on 4 x 4 - 8 x 8 inputs,
+# and SD's 1 x 1 convolutions 25-45x slower on 4 x 4 (1280 x 2560: 75 ms a call instead of 1.6); repacking them is
+# cheap. The other big weights (SD's 3 x 3 convolutions and linears) keep the layout they were packed with, within
+# 5% on every size measured, so a 256 px image does not repack SD's UNet in its first steps.
+REPACK_MAX = 1 << 20
 
 
 def pack_side(cells: int) -> int:
@@ -69,14 +77,24 @@ class PackedWeight:
         """Whether a packed copy of the current weight exists (in any dtype)."""
         return self.packed is not None and self.packed[0][:2] == (self.weight.data_ptr(), self.weight._version)
 
-    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE) -> Tensor:
+    def side_for(self, cells: int) -> int:
+        """The packing size for inputs of `cells` positions: pack_side's for weights of up to REPACK_MAX elements
+        and 1 x 1 convolutions, else the size the weight is already packed for (PACK_SIDE when not packed yet)."""
+        if self.weight.numel() <= REPACK_MAX or self.weight.shape[2:] == (1, 1):
+            return pack_side(cells)
+        return self.packed[0][3] if self.packed is not None else PACK_SIDE
+
+    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE, spans: list[tuple[int, int]] | None = None
+                      ) -> Tensor:
         """The weight in oneDNN's layout and `dtype` for inputs of about side x side, packed on first use (or by
-        storage.pack_weights) and again whenever the weight or the input size class changes: a layout picked for
-        32 x 32 runs up to 6x slower on 4 x 4 - 16 x 16 inputs (the built-in model's), so small inputs get their
-        own."""
+        storage.pack_weights) and again whenever the weight, the dtype or the size class (side_for) changes; the
+        plain weight's file pages are handed back after packing (file_pages.py; `spans`: the file mappings when
+        the caller has read them)."""
         key = (self.weight.data_ptr(), self.weight._version, dtype, side)
         if self.packed is None or self.packed[0] != key:
+            self.packed = None   # the old copy goes before the new one is made
             self.packed = (key, self.pack(self.weight.detach().to(dtype), side))
+            release_pages(self.weight, file_mappings() if spans is None else spans)
         return self.packed[1]
 
 
@@ -93,7 +111,7 @@ class PackedConv2d(PackedWeight, nn.Conv2d):
         plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if not (self.packable(x) and x.dim() == 4 and plain_padding):
             return self._conv_forward(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, pack_side(x.shape[-2] * x.shape[-1]))
+        weight = self.packed_weight(x.dtype, self.side_for(x.shape[-2] * x.shape[-1]))
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.compute_bias(x), self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
 
@@ -108,7 +126,7 @@ class PackedLinear(PackedWeight, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.packable(x):
             return F.linear(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, pack_side(x.numel() // x.shape[-1]))
+        weight = self.packed_weight(x.dtype, self.side_for(x.numel() // x.shape[-1]))
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.compute_bias(x), "none", [], "")
 
 
