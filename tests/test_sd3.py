@@ -61,6 +61,29 @@ def test_mmdit_matches_diffusers(kw):
     assert (ours(x, t, text, pooled) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("kw", MMDIT_CASES.values(), ids=MMDIT_CASES.keys())
+@torch.no_grad()
+def test_mmdit_in_bfloat16_computes_its_blocks_in_bfloat16_and_stays_close(kw):
+    """Under precision.compute_in(bfloat16) every block's output is bfloat16 (the float32 conditioning vector is
+    cast to the blocks' dtype, so modulation does not bring the activations back to float32) and the velocity stays
+    close to float32's."""
+    from nanodiffusion.precision import compute_in
+
+    model = SD3Transformer2DModel(MMDiTConfig.from_dict({**TINY_MMDIT, **kw})).eval()
+    randomise(model)
+    g = torch.Generator().manual_seed(1)
+    x, text, pooled = torch.randn(2, 4, 10, 14, generator=g), torch.randn(2, 7, 24, generator=g), torch.randn(2, 20)
+    t = torch.tensor([1000.0, 312.5])
+    expected = model(x, t, text, pooled)
+    compute_in(model, torch.bfloat16, keep_args=(1,))
+    dtypes = []
+    for block in model.transformer_blocks:
+        block.register_forward_hook(lambda _, __, out: dtypes.extend(o.dtype for o in out if o is not None))
+    out = model(x, t, text, pooled)
+    assert set(dtypes) == {torch.bfloat16} and out.dtype == torch.float32
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_mmdit_config_defaults_keys_older_configs_lack_and_rejects_bad_sizes():
     older = TINY_MMDIT | {"out_channels": None, "_class_name": "SD3Transformer2DModel"}
     config = MMDiTConfig.from_dict(older)

@@ -265,8 +265,8 @@ class SD3Transformer2DModel(nn.Module):
         if height % p or width % p:
             raise NanoDiffusionError(f"latent size {height} x {width} must be a multiple of the patch size {p}")
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(b)
-        c = self.time_text_embed(t, pooled_projections)
         x = self.pos_embed(sample)
+        c = self.time_text_embed(t, pooled_projections).to(x.dtype)   # modulation in the blocks' compute dtype
         context = self.context_embedder(encoder_hidden_states)
         for block in self.transformer_blocks:
             x, context = block(x, context, c)

@@ -62,7 +62,8 @@ class T5Config:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, the mean over the last dimension taken in float32 (Zhang & Sennrich 2019)."""
+    """x / sqrt(mean(x^2) + eps) * weight, the mean over the last dimension taken in float32 (Zhang & Sennrich 2019);
+    the result in a half-precision weight's dtype, else in the input's (bfloat16 compute keeps float32 weights)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -70,10 +71,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
         x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+            return self.weight * x.to(self.weight.dtype)
+        return (self.weight * x).to(dtype)
 
 
 def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
