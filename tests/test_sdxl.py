@@ -479,6 +479,43 @@ def test_cli_refiner_flags_give_the_pipeline_image(sdxl_folder, refiner_folder, 
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
 
 
+def test_api_refiner_fields_give_the_pipeline_image(sdxl_folder, refiner_folder, tmp_path):
+    """The web UI API's refiner_checkpoint / refiner_switch_at (a checkpoint of --models-dir) = the Python API's
+    hand-off, with the refiner in the image's parameters; an unknown refiner is a 422 naming the choices."""
+    import base64
+    import io
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from nanodiffusion.pipeline import Pipeline
+    from nanodiffusion.server.app import create_app
+
+    base, refiner = sdxl_folder[0], refiner_folder[0]
+    shutil.copytree(refiner, tmp_path / "models" / "tiny-refiner")
+
+    def load(path):
+        return Pipeline.load(path, precision="float32")
+
+    app = create_app(load(base), outputs=tmp_path / "out", model_path=base, models_dir=tmp_path / "models",
+                     loader=load)
+    body = dict(prompt=PROMPTS[1], steps=5, cfg_scale=4, width=64, height=64, seed=9, sampler_name="Euler",
+                refiner_checkpoint="tiny-refiner", refiner_switch_at=0.7)
+    with TestClient(app) as client:
+        response = client.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB")
+        infotext = json.loads(response.json()["info"])["infotexts"][0]
+        unknown = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "no-such-refiner"})
+    expected = load(base)(PROMPTS[1], steps=5, cfg=4.0, width=64, height=64, seed=9, sampler="euler",
+                          refiner=load(refiner), refiner_switch_at=0.7)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert "Refiner: tiny-refiner" in infotext and "Refiner switch at: 0.7" in infotext
+    assert unknown.status_code == 422 and "no-such-refiner" in unknown.text and "tiny-refiner" in unknown.text
+
+
 def test_refiner_errors_are_one_line(sdxl_folder, refiner_folder):
     from PIL import Image
 

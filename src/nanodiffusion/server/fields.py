@@ -3,9 +3,9 @@ the field, never silently dropped. Values that mean "off" pass (clients send the
 
 One row per field: (what the field asks for, a check that its value is "off" given the whole body). Supporting a
 feature = deleting its row and passing the field to the pipeline. Fields that only matter together with another
-one (script_args with script_name, refiner_switch_at with refiner_checkpoint) have no row: the web UI ignores them
-too while that one is off; script_name may name the X/Y/Z plot (xyz_script.py). Hires fix, variation seeds, seed
-resize, tiling and inpainting the masked area only ("inpaint_full_res") are honoured (jobs.generation_extras).
+one (script_args with script_name) have no row: the web UI ignores them too while that one is off; script_name may
+name the X/Y/Z plot (xyz_script.py). Hires fix, variation seeds, seed resize, tiling, inpainting the masked area
+only ("inpaint_full_res") and a refiner (refiner_checkpoint, refiner_switch_at) are honoured (jobs.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any, dict], bool]]] = {
     "restore_faces": ("face restoration", off(False)),
     "script_name": ("scripts other than the X/Y/Z plot",
                     lambda value, body: value in (None, "", "None") or str(value).strip().lower() == "x/y/z plot"),
-    "refiner_checkpoint": ("a refiner", off("", "None")),
     "firstpass_image": ("a first-pass image", off("")),
     "disable_extra_networks": ("turning off <lora:> tags", off(False)),
     "s_churn": ("s_churn", off(0)),

@@ -22,12 +22,13 @@ from ..samplers import SAMPLERS
 from ..styles import Style, apply_styles
 from .encoding import b64_to_image
 from .fields import check_unsupported
-from .model_library import ModelLibrary
+from .model_library import Checkpoint, ModelLibrary
 from .queue import Job
 from .schema import Img2ImgRequest, Limits, Options, Txt2ImgRequest
 
 RANDOM_SEEDS = 2**32 - 2   # a random seed is below this, as the web UI draws them
 SEED_LIMIT = 2**64         # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+REFINER_SWITCH_AT = 0.8   # the web UI's default fraction of the steps after which the refiner takes over
 VAES = ("Automatic", "None", "")   # the only sd_vae values: the checkpoint's own VAE
 RESIZE_MODES = {0: "just resize", 1: "crop and resize"}
 SCRIPTS = ("controlnet",)
@@ -83,6 +84,17 @@ def generation_extras(request: Txt2ImgRequest, width: int, height: int, limits: 
     if isinstance(request, Img2ImgRequest) and request.mask and request.inpaint_full_res:
         extras.update(mask_only=True, mask_padding=request.inpaint_full_res_padding)
     return extras
+
+
+def refiner_checkpoint(request: Txt2ImgRequest, library: ModelLibrary | None) -> Checkpoint | None:
+    """The checkpoint a request names as its refiner (None: no refiner, as "" and "None" say in the web UI)."""
+    name = request.refiner_checkpoint
+    if name is None or name.strip() in ("", "None"):
+        return None
+    if library is None:
+        raise NanoDiffusionError("refiner_checkpoint needs a server that can load checkpoints: start it with "
+                                 "--models-dir holding the refiner")
+    return library.find(name)
 
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
@@ -267,8 +279,14 @@ def build_job(request: Txt2ImgRequest, pipeline: Any, options: dict[str, Any], l
         "clip_skip": settings["CLIP_stop_at_last_layers"], "control_image": control_image,
         "control_scale": control_scale, **generation_extras(request, width, height, limits),
     }
+    refiner = refiner_checkpoint(request, library)
+    if refiner is not None:
+        switch = REFINER_SWITCH_AT if request.refiner_switch_at is None else request.refiner_switch_at
+        check_range("refiner_switch_at", switch, 0.01, 1)
+        kwargs["refiner_switch_at"] = switch
     job = Job(kwargs, n_iter=request.n_iter, save=save, previews=settings["live_previews_enable"],
-              preview_every=settings["show_progress_every_n_steps"], warnings=warnings, checkpoint=checkpoint)
+              preview_every=settings["show_progress_every_n_steps"], warnings=warnings, checkpoint=checkpoint,
+              refiner=refiner)
     if request.force_task_id:
         job.id = request.force_task_id
     return job

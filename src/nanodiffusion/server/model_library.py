@@ -8,7 +8,6 @@ selects a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +15,9 @@ from typing import Any, Callable
 
 from ..checkpoints import is_diffusers_folder
 from ..errors import NanoDiffusionError, choice_error
+from ..file_hashes import file_sha256
 
 SUFFIXES = (".safetensors", ".ckpt")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a checkpoint file (a diffusers folder: none, its name is its identity)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -69,6 +60,7 @@ class ModelLibrary:
         self.loader = loader
         self.on_load = on_load or (lambda pipeline: None)
         self.lock = threading.Lock()
+        self.refining: tuple[Checkpoint, Any] | None = None   # the refiner loaded beside the model, if any
         path = Path(path) if path else None
         sha = file_sha256(path) if path is not None and path.is_file() else None
         sha = sha or (pipeline.model_hash if len(pipeline.model_hash) == 64 else None)
@@ -104,6 +96,19 @@ class ModelLibrary:
             if name in checkpoint.names():
                 return checkpoint
         raise choice_error("checkpoint", name, [c.title for c in self.checkpoints])
+
+    def refiner(self, checkpoint: Checkpoint) -> Any:
+        """The pipeline of a refiner checkpoint, kept beside the current model (loaded on first use; another
+        refiner replaces it). The current model itself cannot refine its own images."""
+        if checkpoint is self.current:
+            raise NanoDiffusionError(f"refiner_checkpoint {checkpoint.title!r} is the model being used: name a "
+                                     "refiner, e.g. the SDXL refiner, or leave refiner_checkpoint out")
+        if self.refining is None or self.refining[0] is not checkpoint:
+            if self.loader is None or checkpoint.path is None:
+                raise NanoDiffusionError(f"checkpoint {checkpoint.title!r} cannot be loaded by this server")
+            self.refining = None   # free the previous refiner first
+            self.refining = (checkpoint, self.loader(checkpoint.path))
+        return self.refining[1]
 
     def use(self, checkpoint: Checkpoint) -> Any:
         """The pipeline of `checkpoint`, loading it (and dropping the current one) if another is loaded."""

@@ -72,6 +72,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     warnings: list[str] = field(default_factory=list)   # fall-backs taken (unknown sampler name, ...)
     checkpoint: Any = None  # the model_library.Checkpoint to run on (None: whatever is loaded)
+    refiner: Any = None     # the model_library.Checkpoint that takes over at kwargs["refiner_switch_at"], or None
     latest_x0: torch.Tensor | None = field(default=None, repr=False)  # the running call's x0 estimate
     details: dict[str, Any] = field(default_factory=dict)   # `info` keys a script's run sets (all_seeds, ...)
 
@@ -203,6 +204,8 @@ class Worker:
             if job.checkpoint is not None and self.library is not None:
                 with self.library.lock:
                     self.pipeline = self.library.use(job.checkpoint)
+                    if job.refiner is not None:
+                        job.kwargs["refiner"] = self.library.refiner(job.refiner)
             for iteration in range(job.n_iter):
                 if job.interrupt:
                     break

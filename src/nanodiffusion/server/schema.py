@@ -87,6 +87,8 @@ class Txt2ImgRequest(ApiModel):
     hr_second_pass_steps: int = Field(0, ge=0)
     hr_resize_x: int = Field(0, ge=0)
     hr_resize_y: int = Field(0, ge=0)
+    refiner_checkpoint: str | None = None             # a checkpoint title / name that takes over the sampling
+    refiner_switch_at: float | None = None            # ... at this fraction of the steps (the web UI's 0.8)
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
