@@ -15,7 +15,8 @@ its peak RSS is that side's alone. Measured (fp32, all cores torch uses):
 Writes docs/performance.json and the tables into docs/performance.md (between its result markers).
 `--whole` instead runs whole processes as a CLI user does (import + load + one DDIM image with CFG + save, one
 process per image: `nanodiff generate` against a diffusers script) at float32 and bfloat16, 4 and 20 steps,
-256 and 512 px (`--sizes`, `--steps`), with each process's wall / CPU seconds and peak RSS, the PSNR of each
+256 and 512 px (`--sizes`, `--steps`), `--repeats` processes per side and row (alternating sides; medians of
+the wall / CPU seconds, the highest peak RSS), the PSNR of each
 side's bfloat16 image to its own float32 image, and max |ours - diffusers| of the float32 images.
 
     python benchmarks/perf.py            # full: 256 and 512 px (about 25 minutes on 2 cores)
@@ -282,9 +283,17 @@ def psnr(a: Path, b: Path) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
-def run_whole(folder: Path, sizes: list[int], step_counts: list[int]) -> list[dict]:
-    """Whole-process rows, both sides at both precisions, one at a time; PSNR of each bf16 image to the same
-    side's fp32 image, and max |ours - diffusers| of the fp32 images (parity)."""
+def median_run(runs: list[dict]) -> dict:
+    """One side's row from its repeated processes: median wall and CPU seconds, the highest peak RSS, every wall time."""
+    return {"seconds": statistics.median(r["seconds"] for r in runs),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "runs": [round(r["seconds"], 2) for r in runs]}
+
+
+def run_whole(folder: Path, sizes: list[int], step_counts: list[int], repeats: int = 1) -> list[dict]:
+    """Whole-process rows, both sides at both precisions, one process at a time (`repeats` each, the sides
+    alternating; medians); PSNR of each bf16 image to the same side's fp32 image, and max |ours - diffusers| of the
+    fp32 images (parity)."""
     import numpy as np
     from PIL import Image
 
@@ -295,9 +304,13 @@ def run_whole(folder: Path, sizes: list[int], step_counts: list[int]) -> list[di
                 images = {}
                 for precision in ("float32", "bfloat16"):
                     row = {"size": size, "steps": steps, "precision": precision}
-                    for side in ("ours", "diffusers"):
-                        images[side, precision] = Path(tmp) / f"{side}-{precision}.png"
-                        row[side] = whole_process(side, folder, steps, size, precision, images[side, precision])
+                    runs = {"ours": [], "diffusers": []}
+                    for _ in range(repeats):
+                        for side in runs:
+                            images[side, precision] = Path(tmp) / f"{side}-{precision}.png"
+                            runs[side].append(whole_process(side, folder, steps, size, precision,
+                                                            images[side, precision]))
+                    row.update({side: median_run(side_runs) for side, side_runs in runs.items()})
                     row["ratio"] = row["ours"]["seconds"] / row["diffusers"]["seconds"]
                     rows.append(row)
                     print(f"{size} px, {steps} steps, {precision}: ours {row['ours']}, diffusers "
@@ -313,15 +326,17 @@ def run_whole(folder: Path, sizes: list[int], step_counts: list[int]) -> list[di
 def whole_markdown(rows: list[dict]) -> str:
     """The whole-process rows as a markdown table."""
     lines = ["| size, DDIM steps | precision | ours | diffusers | ours / diffusers (wall) | (CPU time) | "
-             "ours peak RSS | diffusers peak RSS | bf16 PSNR to fp32: ours / diffusers | fp32 max abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ours peak RSS | diffusers peak RSS | bf16 PSNR to fp32: ours / diffusers | fp32 max abs diff | "
+             "processes per side |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         o, d = row["ours"], row["diffusers"]
         quality = f"{o['psnr_to_fp32']:.1f} / {d['psnr_to_fp32']:.1f} dB" if "psnr_to_fp32" in o else ""
         parity = f"{row['max_abs_diff']:.0f}/255" if "max_abs_diff" in row else ""
         lines.append(f"| {row['size']} px, {row['steps']} | {row['precision']} | {o['seconds']:.1f} s | "
                      f"{d['seconds']:.1f} s | {row['ratio']:.2f} | {o['cpu_seconds'] / d['cpu_seconds']:.2f} | "
-                     f"{o['peak_rss_gb']:.2f} GB | {d['peak_rss_gb']:.2f} GB | {quality} | {parity} |")
+                     f"{o['peak_rss_gb']:.2f} GB | {d['peak_rss_gb']:.2f} GB | {quality} | {parity} | "
+                     f"{len(o.get('runs', [o]))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -478,12 +493,13 @@ def main() -> None:
                         help="only the whole-process rows (import + load + generate + save, one image per process)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="whole-process image sizes")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 20], help="whole-process DDIM step counts")
+    parser.add_argument("--repeats", type=int, default=3, help="whole-process runs per side and row (medians)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     if args.whole:
-        rows = run_whole(make_weights(args.weights), args.sizes, args.steps)
+        rows = run_whole(make_weights(args.weights), args.sizes, args.steps, args.repeats)
         args.output.with_suffix(".whole.json").write_text(json.dumps(rows, indent=2) + "\n")
         table = whole_markdown(rows)
         print(table)
