@@ -13,7 +13,8 @@ from nanodiffusion.loading import load_sdxl
 from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from nanodiffusion.models.unet import UNet2DConditionModel, UNetConfig
 from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
-from nanodiffusion.sdxl import MicroConditioning, SDXLConditioning, sdxl_conditioning, vae_config
+from nanodiffusion.sdxl import (MicroConditioning, SDXLConditioning, encode_prompts, encode_text, sdxl_conditioning,
+                                vae_config)
 from oracles import clip_tokenizer_dir, require
 
 diffusers = require("diffusers")
@@ -225,6 +226,34 @@ def test_refiner_conditioning_matches_diffusers(text_pairs, tokenizers):
     assert_close(cond, context, pooled, time_ids.repeat(2, 1))
     assert_close(uncond, negative_context, negative_pooled, negative_time_ids.repeat(2, 1))
     assert cond.context.shape[-1] == 24 and cond.time_ids[0].tolist() == [1024, 1024, 0, 0, 6.0]
+
+
+@torch.no_grad()
+def test_prompts_read_the_web_ui_syntax_chunks_and_emphasis_per_encoder(text_pairs, tokenizers):
+    """SDXL prompts take the web UI's syntax: a plain prompt is encode_text of its ids (diffusers' encoding); BREAK
+    or more than 75 tokens make chunks, each encoded alone and concatenated, with bigG's pooled output from the
+    first; emphasis scales each encoder's states and restores that encoder's mean; the refiner (bigG alone) too."""
+    from nanodiffusion.prompts import emphasised
+
+    (te, te_2), (tok, tok_2) = text_pairs[1], tokenizers[0]
+    for ours, theirs in zip(encode_prompts(te, te_2, tok, tok_2, PROMPTS),
+                            encode_text(te, te_2, tok(PROMPTS), tok_2(PROMPTS))):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)   # one prompt at a time vs a batch of two
+    chunks = [encode_text(te, te_2, tok([text]), tok_2([text])) for text in ("a photo", "a red circle")]
+    context, pooled = encode_prompts(te, te_2, tok, tok_2, ["a photo BREAK a red circle"])
+    torch.testing.assert_close(context, torch.cat([c for c, _ in chunks], dim=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, chunks[0][1], rtol=0, atol=1e-5)
+    assert encode_prompts(te, te_2, tok, tok_2, [" ".join(["red circle"] * 50)])[0].shape == (1, 2 * 77, 32 + 24)
+    weights = torch.ones(1, 77)
+    weights[0, 2] = 1.5                                  # [start, a, red, circle, end, ...]
+    context, pooled = encode_prompts(te, te_2, tok, tok_2, ["a (red:1.5) circle"])
+    plain_context, plain_pooled = encode_text(te, te_2, tok(["a red circle"]), tok_2(["a red circle"]))
+    for ours, plain in ((context[..., :32], plain_context[..., :32]), (context[..., 32:], plain_context[..., 32:])):
+        torch.testing.assert_close(ours, emphasised(plain, weights), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, plain_pooled, rtol=0, atol=1e-5)
+    refined, _ = encode_prompts(None, te_2, tok_2, tok_2, ["a (red:1.5) circle"])
+    torch.testing.assert_close(refined, emphasised(encode_text(None, te_2, None, tok_2(["a red circle"]))[0], weights),
+                               rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

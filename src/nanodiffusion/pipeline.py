@@ -140,9 +140,8 @@ class Pipeline:
             return {"context": context, "pooled_projections": pooled}
         if not self.is_sdxl:
             return {"context": encode_prompts(self.text_encoder, self.tokenizer, texts, clip_skip=clip_skip)}
-        context, pooled = sdxl.encode_text(self.text_encoder, self.text_encoder_2,
-                                           None if self.is_refiner else self.tokenizer(texts),
-                                           self.tokenizer_2(texts), state=-(clip_skip + 1))
+        context, pooled = sdxl.encode_prompts(None if self.is_refiner else self.text_encoder, self.text_encoder_2,
+                                              self.tokenizer, self.tokenizer_2, texts, state=-(clip_skip + 1))
         if self.force_zeros_for_empty_prompt:
             keep = torch.tensor([text != "" for text in texts], dtype=context.dtype)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]

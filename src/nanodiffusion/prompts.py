@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -171,22 +171,42 @@ def prompt_warnings(tokenizer: Tokenizer, text: str) -> list[str]:
     return messages
 
 
+def emphasised(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token states scaled by their emphasis weights, then rescaled to their original mean (the web UI's)."""
+    scaled = z * weights.unsqueeze(-1).to(z)
+    return scaled * (z.mean() / scaled.mean())
+
+
+Encoder = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], torch.Tensor | None]]
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
                    clip_skip: int = 1) -> torch.Tensor:
     """Encode prompts to [B, chunks*L, D]; weights scale token embeddings, then the mean is restored."""
-    chunked = [weighted_chunks(tokenizer, p) for p in prompts]
+    return encode_weighted(lambda ids: ([text_encoder(ids[0], clip_skip=clip_skip)], None), [tokenizer], prompts)[0]
+
+
+@torch.no_grad()
+def encode_weighted(encode: Encoder, tokenizers: Sequence[Tokenizer], prompts: Sequence[str]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The web UI's prompt encoding for one or several text encoders: each prompt's chunks (weighted_chunks) laid
+    out by every tokenizer (chunk_tokens), `encode(ids per tokenizer)` -> (states per encoder [chunks, L, D_i],
+    pooled [chunks, P] or None); each encoder's states scaled by the emphasis weights with their mean restored,
+    concatenated along the features and the chunks: ([B, chunks*L, sum D_i], the first chunk's pooled [B, P])."""
+    chunked = [weighted_chunks(tokenizers[0], p) for p in prompts]
     n_chunks = max(len(chunks) for chunks in chunked)
-    out = []
+    out, pooled = [], []
     for chunks in chunked:
-        rows, row_weights = chunk_tokens(tokenizer, chunks, n_chunks)
-        z = text_encoder(rows, clip_skip=clip_skip)
-        if (row_weights != 1).any():
-            mean_before = z.mean()
-            z = z * row_weights.unsqueeze(-1).to(z)
-            z = z * (mean_before / z.mean())
+        rows = [chunk_tokens(tokenizer, chunks, n_chunks) for tokenizer in tokenizers]
+        states, pool = encode([ids for ids, _ in rows])
+        weights = rows[0][1]
+        if (weights != 1).any():
+            states = [emphasised(z, weights) for z in states]
+        z = torch.cat(states, dim=-1)
         out.append(z.reshape(1, -1, z.shape[-1]))
-    return torch.cat(out)
+        pooled.append(None if pool is None else pool[:1])
+    return torch.cat(out), None if pooled[0] is None else torch.cat(pooled)
 
 
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:

@@ -19,6 +19,7 @@ from .errors import NanoDiffusionError
 from .models.clip import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
+from .prompts import Tokenizer, encode_weighted
 
 DEFAULT_SIZE = 1024                       # SDXL's training resolution: images of about 1024 x 1024 pixels
 REFINER_AESTHETIC_SCORE = (6.0, 2.5)      # diffusers' defaults: positive, negative
@@ -70,10 +71,31 @@ def encode_text(text_encoder: CLIPTextModel | None, text_encoder_2: CLIPTextMode
     if (text_encoder is None) != (ids is None):
         raise NanoDiffusionError("give token ids for the first text encoder exactly when there is one (the SDXL "
                                  "refiner has only the second)")
+    states, pooled = encoder_states(text_encoder, text_encoder_2, ids, ids_2, state)
+    return torch.cat(states, dim=-1), pooled
+
+
+def encoder_states(text_encoder: CLIPTextModel | None, text_encoder_2: CLIPTextModelWithProjection,
+                   ids: Tensor | None, ids_2: Tensor, state: int) -> tuple[list[Tensor], Tensor]:
+    """Each encoder's hidden state `state` (the first encoder's, when there is one, then bigG's) and bigG's
+    projected pooled output."""
     states_2 = text_encoder_2.hidden_states(ids_2)
     pooled = text_encoder_2.text_embeds(states_2[-1], ids_2)
-    states = [states_2[state]] if text_encoder is None else [text_encoder.hidden_states(ids)[state], states_2[state]]
-    return torch.cat(states, dim=-1), pooled
+    return ([] if text_encoder is None else [text_encoder.hidden_states(ids)[state]]) + [states_2[state]], pooled
+
+
+def encode_prompts(text_encoder: CLIPTextModel | None, text_encoder_2: CLIPTextModelWithProjection,
+                   tokenizer: Tokenizer, tokenizer_2: Tokenizer, texts: list[str], *, state: int = -2
+                   ) -> tuple[Tensor, Tensor]:
+    """(context, pooled) for prompts with the web UI's syntax: emphasis weights, chunks of 75 tokens, BREAK
+    (prompts.encode_weighted): each encoder's states weighted on their own, the chunks' states concatenated along
+    the tokens, bigG's pooled output from the first chunk. A plain prompt of up to 75 tokens is encode_text of its
+    token ids, as diffusers encodes it. The refiner (text_encoder None) uses bigG and its tokenizer alone."""
+    def encode(ids: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        return encoder_states(text_encoder, text_encoder_2, *([None, *ids] if text_encoder is None else ids), state)
+
+    tokenizers = [tokenizer_2] if text_encoder is None else [tokenizer, tokenizer_2]
+    return encode_weighted(encode, tokenizers, texts)
 
 
 def sdxl_conditioning(text_encoder: CLIPTextModel | None, text_encoder_2: CLIPTextModelWithProjection,
