@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .models.unet import UNet2DConditionModel, UNetConfig
+from .storage import uninitialised
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
@@ -35,8 +36,8 @@ def unet_predicts_v(unet: nn.Module) -> bool:
 
 
 def unet_of(ckpt: "Checkpoint") -> UNet2DConditionModel:
-    """The checkpoint's UNet in float32, its parameters taken from the state dict (built on the meta device)."""
-    with torch.device("meta"):
+    """The checkpoint's UNet in float32, its parameters taken from the state dict (built uninitialised)."""
+    with uninitialised():
         unet = UNet2DConditionModel(UNetConfig.from_dict(ckpt.configs["unet"]))
     unet.load_state_dict({k: t.float() for k, t in ckpt.parts["unet"].items()}, assign=True)
     return unet.eval()
