@@ -41,7 +41,8 @@ class PackedWeight:
     """Mixin for Conv2d / Linear: computes in its input's dtype (float32 / bfloat16 weights stored in half precision
     by storage.py or computed in bfloat16 by precision.py keep no second full copy) and, for CPU float32 / bfloat16
     inference, with a oneDNN-packed copy of its weight (`packed`: (cache key, packed weight), this layer's own).
-    Set PackedWeight.enabled = False to compute with the plain weight everywhere."""
+    Set PackedWeight.enabled = False to compute with the plain weight everywhere (a layer's own `enabled`: that
+    layer; plain_layers)."""
 
     enabled = True
     packed: tuple[tuple, Tensor] | None = None
@@ -140,4 +141,14 @@ def packed_layers(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in PACKED:
             module.__class__ = PACKED[type(module)]
+    return model
+
+
+def plain_layers(model: nn.Module) -> nn.Module:
+    """Let every packed layer of `model` compute with its plain weight, as nn.Conv2d / nn.Linear do (no packed
+    copy is made or kept): for a network run once per image, where packing costs more than it saves."""
+    for module in model.modules():
+        if isinstance(module, PackedWeight):
+            module.enabled = False
+            module.packed = None
     return model

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import choice_error
+from .packing import packed_layers, plain_layers
 from .storage import pack_weights
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -62,13 +63,13 @@ FLOAT32_INPUTS = ("timestep", "time_ids")   # embedded by sinusoids: sizes like 
 
 @torch.no_grad()
 def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
-               keep_args: tuple[int, ...] = ()) -> nn.Module:
+               keep_args: tuple[int, ...] = (), now: bool = True) -> nn.Module:
     """Run `model` in `dtype`: its Conv2d / Linear layers become packed layers computing with weights packed in
     dtype (but under the submodules named in `keep`: float32; storage.pack_weights), its floating inputs are cast
     to dtype on the way in (but positional arguments `keep_args`, e.g. the timestep) and its output back to float32
     on the way out.
-    The stored weights stay as loaded. float32 only packs the weights."""
-    pack_weights(model, dtype, keep)
+    The stored weights stay as loaded (`now` False: packed on the first call). float32 only packs the weights."""
+    pack_weights(model, dtype, keep) if now else packed_layers(model)
     if dtype == torch.float32:
         return model
 
@@ -82,11 +83,16 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
 
 
 def set_precision(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, dtype: torch.dtype) -> None:
-    """A loaded pipeline's networks in `dtype` (see the module docstring), every weight packed now rather than on
-    the first call: the UNet but its timestep embedding, the VAE's encoder and decoder, the text transformer."""
+    """A loaded pipeline's networks in `dtype` (see the module docstring), their weights packed now rather than on
+    the first call: the UNet but its timestep embedding, the VAE's decoder, the text transformer. The VAE's
+    encoder (img2img, inpainting) packs on its first use, and in float32 the text encoder computes with its plain
+    weights (its linears multiply them as they are, and a prompt is encoded once per image)."""
     compute_in(unet, dtype, keep=("time_embedding", "add_embedding"), keep_args=(1,))
     compute_in(vae.decoder, dtype)
-    compute_in(vae.encoder, dtype)
-    compute_in(text_encoder.text_model.encoder, dtype)
-    for model in (vae, text_encoder):
-        pack_weights(model, torch.float32, repack=False)   # the rest: the VAE's quant convs, ...
+    compute_in(vae.encoder, dtype, now=False)   # on its first use: a text-to-image process never runs it
+    if dtype == torch.float32:
+        plain_layers(text_encoder)   # a prompt per image: packing SD's CLIP (0.6 s) costs more than it saves (0.03 s)
+    else:
+        compute_in(text_encoder.text_model.encoder, dtype)
+    pack_weights(vae, torch.float32, repack=False, later=("encoder", "quant_conv"))   # the rest: post_quant_conv
+    pack_weights(text_encoder, torch.float32, repack=False)   # the rest: a projection, ...

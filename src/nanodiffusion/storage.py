@@ -73,18 +73,21 @@ def store_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (), repack: bool = True
-                 ) -> nn.Module:
+def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (), repack: bool = True,
+                 later: tuple[str, ...] = ()) -> nn.Module:
     """Make every Conv2d / Linear a packed layer (packing.packed_layers) and pack its weight now for computing in
-    `dtype` (float32 under the submodules named in `keep`; with repack False, only layers not packed yet), then
-    release the plain weights' file pages. Packing itself is skipped without oneDNN."""
+    `dtype` (float32 under the submodules named in `keep`; with repack False, only layers not packed yet; under
+    the submodules named in `later`, on their first call), then release the plain weights' file pages. Packing
+    itself is skipped without oneDNN."""
     packed_layers(model)
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
         return model
-    kept = {id(m) for name in keep if hasattr(model, name) for m in model.get_submodule(name).modules()}
+    kept, waiting = (set().union(*(model.get_submodule(name).modules() for name in names if hasattr(model, name)))
+                     for names in (keep, later))
     spans = file_mappings()
     for module in model.modules():
-        target = torch.float32 if id(module) in kept else dtype
-        if isinstance(module, PackedWeight) and module.packs_for(target) and (repack or not module.is_packed()):
+        target = torch.float32 if module in kept else dtype
+        if (isinstance(module, PackedWeight) and module not in waiting and module.packs_for(target)
+                and (repack or not module.is_packed())):
             module.packed_weight(target, spans=spans)
     return model
