@@ -32,16 +32,19 @@ def test_bfloat16_unet_keeps_norms_time_embedding_and_output_in_float32():
     assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()
 
 
-def test_pipeline_in_bfloat16_is_close_to_float32(tmp_path):
+def test_pipeline_in_bfloat16_is_close_to_float32():
     images = {}
     for name in ("float32", "bfloat16"):
         pipe = Pipeline.load(precision=name)
         assert pipe.precision == name
         dtype = precision_dtype(name, 0)
         assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype   # at load
-        assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
+        assert pipe.vae.encoder.conv_in.packed is None   # on its first use (img2img)
         assert pipe.text_encoder.text_model.final_layer_norm.weight.dtype == torch.float32
         images[name] = np.asarray(pipe("a red circle above a blue square", steps=6, seed=3)[0], dtype=np.float64)
+        assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
+        text_layer = pipe.text_encoder.text_model.encoder.layers[0].mlp.fc1
+        assert (text_layer.packed is None) == (name == "float32")   # float32 multiplies the plain weight
     mse = ((images["float32"] - images["bfloat16"]) ** 2).mean()
     assert 0 < mse and 10 * np.log10(255**2 / mse) > 35   # measured 53 dB at 20 steps
 
