@@ -271,14 +271,15 @@ def test_conditioning_drives_the_unet_as_diffusers_does(text_pairs, tokenizers):
 
 # ---- Loading: original single files and diffusers folders ----
 
-def full_parts(refiner: bool = False) -> dict:
+def full_parts(refiner: bool = False, in_channels: int = 4) -> dict:
     """Tiny SDXL networks built by diffusers / transformers, shaped so that configs inferred from a single file
-    (64-wide heads, 32 groups) rebuild them: {"unet", "vae", "text_encoder", "text_encoder_2"} modules."""
+    (64-wide heads, 32 groups) rebuild them: {"unet", "vae", "text_encoder", "text_encoder_2"} modules (a UNet of
+    9 input channels: SDXL inpainting)."""
     torch.manual_seed(4)
     big_g = dict(vocab_size=49408, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=48, bos_token_id=0, eos_token_id=2,
                  pad_token_id=1)
-    unet = UNetConfig.tiny(**{"block_out_channels": [64, 128], "norm_num_groups": 32,
+    unet = UNetConfig.tiny(**{"block_out_channels": [64, 128], "norm_num_groups": 32, "in_channels": in_channels,
                               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                               "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
                               "transformer_layers_per_block": [1, 2], "attention_head_dim": [1, 2],
@@ -578,3 +579,45 @@ def test_sdxl_img2img_matches_diffusers(sdxl_folder):
                                                       seed=3, sampler="euler", width=64, height=64)[0]
     ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
     assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+@pytest.fixture(scope="module")
+def inpaint_folder(tmp_path_factory):
+    """A tiny SDXL inpainting pipeline (9-channel UNet) saved by diffusers, as the published SDXL inpainting
+    folder is laid out."""
+    folder = str(clip_tokenizer_dir())
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(
+        **full_parts(in_channels=9), tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
+        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1))
+    path = tmp_path_factory.mktemp("sdxl-inpaint") / "tiny-sdxl-inpaint"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_sdxl_inpainting_matches_diffusers(inpaint_folder, tmp_path, strength):
+    """StableDiffusionXLInpaintPipeline: the 9-channel UNet sees the mask and the masked image's latents beside the
+    SDXL conditioning; the same image to 2/255 from the diffusers folder and from its single file."""
+    from PIL import Image
+
+    from nanodiffusion.pipeline import Pipeline
+
+    init = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    mask = Image.fromarray(mask)
+    reference = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(inpaint_folder)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(PROMPTS[1], image=init, mask_image=mask, strength=strength, num_inference_steps=4,
+                         guidance_scale=5.0, height=64, width=64, generator=torch.Generator().manual_seed(5),
+                         output_type="np").images[0]
+    assert float(torch.from_numpy(expected).float().std()) > 0.01
+    save_single_file(load_checkpoint(inpaint_folder), tmp_path / "inpaint.safetensors")
+    for source in (inpaint_folder, tmp_path / "inpaint.safetensors"):
+        pipe = Pipeline.load(source, precision="float32")
+        assert pipe.is_sdxl and pipe.is_inpainting_model
+        image = pipe(PROMPTS[1], init_image=init, mask=mask, strength=strength, steps=4, cfg=5.0, seed=5,
+                     sampler="euler", width=64, height=64)[0]
+        ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+        assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255, source
