@@ -23,27 +23,37 @@ def infer_config(part: str, sd: dict[str, Tensor], version: str) -> dict:
 
 
 def infer_unet_config(sd: dict[str, Tensor], version: str) -> dict:
-    """UNet config from shapes. Head counts are not in the shapes: SD 1.x uses 8 heads, SD 2.x and XL heads of
-    width 64 (diffusers' attention_head_dim = heads per level, [5, 10, 20, 20]). SDXL adds its "text_time"
-    conditioning: 256-wide sinusoids of the time ids (Podell et al. 2023, §2.2)."""
+    """UNet config from shapes: its encoder's (infer_encoder_config), the decoder mirroring it."""
+    config = {"_class_name": "UNet2DConditionModel", **infer_encoder_config(sd, version, "UNet"),
+              "out_channels": sd["conv_out.weight"].shape[0], "sample_size": 64,
+              "up_block_types": ["CrossAttnUpBlock2D" if has_prefix(sd, f"up_blocks.{i}.attentions.") else "UpBlock2D"
+                                 for i in range(count_indices(sd, "down_blocks."))]}
+    if config.get("addition_embed_type"):
+        config["sample_size"] = sdxl.DEFAULT_SIZE // 8
+    return config
+
+
+def infer_encoder_config(sd: dict[str, Tensor], version: str, part: str) -> dict:
+    """The config of a UNet's encoder (the UNet's or a ControlNet's copy of it) from shapes. Head counts are not in
+    the shapes: SD 1.x uses 8 heads, SD 2.x and XL heads of width 64 (diffusers' attention_head_dim = heads per
+    level, [5, 10, 20, 20]). SDXL adds its "text_time" conditioning: 256-wide sinusoids of the time ids (Podell
+    et al. 2023, §2.2)."""
     levels = count_indices(sd, "down_blocks.")
     channels = [sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
     down = [has_prefix(sd, f"down_blocks.{i}.attentions.") for i in range(levels)]
-    up = [has_prefix(sd, f"up_blocks.{i}.attentions.") for i in range(levels)]
     proj_in = next((t for k, t in sd.items() if k.endswith("proj_in.weight")), None)
     context = next((t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")), None)
     if proj_in is None or context is None:
-        raise NanoDiffusionError("the UNet has no cross-attention: not a text-to-image Stable Diffusion checkpoint")
-    config = {"_class_name": "UNet2DConditionModel", "sample_size": 64,
-              "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
+        raise NanoDiffusionError(f"the {part} has no cross-attention: not a text-to-image Stable Diffusion "
+                                 f"{'checkpoint' if part == 'UNet' else part}")
+    config = {"in_channels": sd["conv_in.weight"].shape[1],
               "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
-              "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
               "block_out_channels": channels, "layers_per_block": count_indices(sd, "down_blocks.0.resnets."),
               "cross_attention_dim": context, "use_linear_projection": proj_in.ndim == 2,
               "attention_head_dim": [c // 64 for c in channels] if version in ("v2", *SDXL_VERSIONS) else 8,
               "transformer_layers_per_block": transformer_depths(sd, down), "norm_num_groups": 32}
     if "add_embedding.linear_1.weight" in sd:
-        config.update(sample_size=sdxl.DEFAULT_SIZE // 8, addition_embed_type="text_time", addition_time_embed_dim=256,
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                       projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1])
     return config
 

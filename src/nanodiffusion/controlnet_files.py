@@ -1,6 +1,7 @@
 """ControlNet inputs from disk: the model files people share, and the control image.
 
-Two layouts are in circulation for SD 1.x / 2.x ControlNets:
+Two layouts are in circulation for SD 1.x / 2.x ControlNets (SDXL ControlNets mostly ship as diffusers folders or
+diffusers-named single files; in the original layout their added conditioning is `label_emb`, as in the UNet):
 - a diffusers ControlNetModel folder: config.json + diffusion_pytorch_model.safetensors, our names as they are;
 - the original single file (lllyasviel's ControlNet, `control_sd15_*.pth`, `control_v11*.safetensors`): the
   copied encoder in ldm names under `control_model.` (`input_blocks`, `middle_block`, `time_embed`), the zero
@@ -21,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .checkpoint_configs import infer_encoder_config
 from .checkpoint_keys import Entry, KeyTable, UNetLayout, count_indices, has_prefix, split_prefix, unet_table
 from .checkpoints import (
     DIFFUSERS_VERSION,
@@ -37,7 +39,7 @@ from .models.controlnet import ControlNetConfig, ControlNetModel
 from .packing import packed_layers
 
 ORIGINAL_PREFIX = "control_model."
-ENCODER = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+ENCODER = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -90,28 +92,16 @@ def diffusers_names(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
 # ---- Config from shapes ----
 
 def infer_controlnet_config(sd: dict[str, Tensor]) -> dict:
-    """ControlNetModel config from the tensor shapes (diffusers names). Head counts are not in the shapes:
-    SD 1.x uses 8 heads, SD 2.x heads of width 64; GroupNorm uses 32 groups."""
-    levels = count_indices(sd, "down_blocks.")
-    channels = [sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
+    """ControlNetModel config from the tensor shapes (diffusers names): the copied encoder's as for a UNet
+    (checkpoint_configs.infer_encoder_config), the conditioning embedding's widths."""
     hint = [sd["controlnet_cond_embedding.conv_in.weight"]] + [
         sd[f"controlnet_cond_embedding.blocks.{j}.weight"]
         for j in range(1, count_indices(sd, "controlnet_cond_embedding.blocks."), 2)]
-    proj_in = next((t for k, t in sd.items() if k.endswith("proj_in.weight")), None)
-    context = next((t.shape[1] for k, t in sd.items() if k.endswith("attn2.to_k.weight")), None)
-    if proj_in is None or context is None:
-        raise NanoDiffusionError("the ControlNet has no cross-attention: not a Stable Diffusion ControlNet")
     mid_attention = has_prefix(sd, "mid_block.attentions.")
-    return {"_class_name": "ControlNetModel", "in_channels": sd["conv_in.weight"].shape[1],
+    return {"_class_name": "ControlNetModel", **infer_encoder_config(sd, version_from_unet(sd), "ControlNet"),
             "conditioning_channels": hint[0].shape[1],
-            "down_block_types": ["CrossAttnDownBlock2D" if has_prefix(sd, f"down_blocks.{i}.attentions.")
-                                 else "DownBlock2D" for i in range(levels)],
             "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_attention else "UNetMidBlock2D",
-            "block_out_channels": channels, "layers_per_block": count_indices(sd, "down_blocks.0.resnets."),
-            "cross_attention_dim": context, "use_linear_projection": proj_in.ndim == 2,
-            "attention_head_dim": [c // 64 for c in channels] if version_from_unet(sd) == "v2" else 8,
-            "transformer_layers_per_block": max(1, count_indices(sd, "mid_block.attentions.0.transformer_blocks.")),
-            "conditioning_embedding_out_channels": [t.shape[0] for t in hint], "norm_num_groups": 32}
+            "conditioning_embedding_out_channels": [t.shape[0] for t in hint]}
 
 
 # ---- Load and save ----

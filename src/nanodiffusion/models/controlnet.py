@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NanoDiffusionError, choice_error
-from .resnet import timestep_embedding
 from .unet import UNet2DConditionModel, UNetConfig, per_block
 
 SHARED_FIELDS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
                  "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding", "act_fn",
                  "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
-                 "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention")
+                 "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
+                 "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 UP_BLOCK_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 CHANNEL_ORDERS = ["rgb", "bgr"]
 
@@ -59,6 +59,9 @@ class ControlNetConfig:
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
     global_pool_conditions: bool = False
+    addition_embed_type: str | None = None                    # "text_time": an SDXL ControlNet (UNetConfig's)
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> ControlNetConfig:
@@ -130,7 +133,11 @@ def unet_encoder(config: UNetConfig) -> UNet2DConditionModel:
 
 class ControlNetModel(nn.Module):
     """The trainable copy F(.; Theta_c) of the UNet encoder and mid block, fed x + Z(E(c_i)); its skips and
-    mid-block output, each through a zero convolution and times the control scale, are the UNet's extra residuals."""
+    mid-block output, each through a zero convolution and times the control scale, are the UNet's extra residuals.
+    An SDXL ControlNet copies the added conditioning too and takes the UNet's text_embeds / time_ids."""
+
+    embed = UNet2DConditionModel.embed   # the UNet's timestep (+ SDXL added) embedding, on the copied layers
+    added_embedding = UNet2DConditionModel.added_embedding
 
     def __init__(self, config: ControlNetConfig):
         super().__init__()
@@ -138,6 +145,8 @@ class ControlNetModel(nn.Module):
         unet = unet_encoder(c.unet_config())
         ch = c.block_out_channels
         self.conv_in, self.time_embedding = unet.conv_in, unet.time_embedding
+        if c.addition_embed_type is not None:
+            self.add_embedding = unet.add_embedding
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(ch[0], c.conditioning_channels,
                                                                          c.conditioning_embedding_out_channels)
         self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
@@ -150,21 +159,20 @@ class ControlNetModel(nn.Module):
     def from_unet(cls, unet: UNet2DConditionModel, **overrides) -> ControlNetModel:
         """A ControlNet initialised from a trained UNet: its encoder and mid block copied, Theta_c <- Theta (§3.1)."""
         controlnet = cls(ControlNetConfig.from_unet_config(unet.config, **overrides))
-        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
-            if getattr(unet, name) is not None:
+        for name in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+            if getattr(unet, name, None) is not None:
                 getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
         return controlnet
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, controlnet_cond: Tensor,
-                conditioning_scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
-        """The residuals for the UNet's skips and mid block, given the latents, timestep, text context and the
-        control image [B, conditioning_channels, 8H, 8W] in [0, 1]."""
+                conditioning_scale: float = 1.0, *, text_embeds: Tensor | None = None,
+                time_ids: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """The residuals for the UNet's skips and mid block, given the latents, timestep, text context (SDXL: and
+        the added conditioning) and the control image [B, conditioning_channels, 8H, 8W] in [0, 1]."""
         c = self.config
         if c.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = controlnet_cond.flip(1)
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-                                  .to(sample.dtype))
+        emb = self.embed(sample, timestep, text_embeds, time_ids)
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         skips = [h]
         for block in self.down_blocks:
@@ -194,14 +202,16 @@ def check_base(unet: UNetConfig, controlnet: ControlNetConfig) -> None:
 
 def controlnet_unet(unet: UNet2DConditionModel, controlnet: ControlNetModel, image: Tensor,
                     scale: float = 1.0) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The UNet steered by a ControlNet, as the denoiser calls it: net(x, t, context) -> prediction.
+    """The UNet steered by a ControlNet, as the denoiser calls it: net(x, t, context, **added) -> prediction (added:
+    SDXL's text_embeds and time_ids, for both networks; an LCM's timestep_cond, for the UNet as diffusers does).
     `image` [1 or B, C, 8H, 8W] is repeated to the batch (classifier-free guidance runs [uncond, cond] at once,
     both halves with the control image, as diffusers does without guess mode)."""
     check_base(unet.config, controlnet.config)
 
-    def net(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def net(x: Tensor, t: Tensor, context: Tensor, **added: Tensor) -> Tensor:
         cond = image.to(x).repeat(x.shape[0] // image.shape[0], 1, 1, 1)
-        down, mid = controlnet(x, t, context, cond, scale)
-        return unet(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        sdxl = {k: v for k, v in added.items() if k in ("text_embeds", "time_ids")}   # not an LCM's timestep_cond
+        down, mid = controlnet(x, t, context, cond, scale, **sdxl)
+        return unet(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid, **added)
 
     return net
