@@ -295,6 +295,27 @@ def test_sd3_txt2img_matches_diffusers(sd3_folder):
     assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
 
 
+@pytest.mark.parametrize("steps, strength", [(5, 0.6), (4, 0.7)])
+def test_sd3_img2img_matches_diffusers(sd3_folder, steps, strength):
+    """StableDiffusion3Img2ImgPipeline on the same folder: the init image's latents noised to the flow sigma that
+    the strength selects (x = (1 - s) x0 + s n; diffusers skips int(steps - steps * strength) steps), flow Euler."""
+    from PIL import Image
+
+    from nanodiffusion.pipeline import Pipeline
+
+    path, txt2img = sd3_folder
+    diffusers = require("diffusers")
+    init = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    reference = diffusers.StableDiffusion3Img2ImgPipeline.from_pipe(txt2img)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(PROMPT, image=init, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    image = Pipeline.load(path, precision="float32")(PROMPT, init_image=init, strength=strength, steps=steps,
+                                                      cfg=5.0, seed=3, sampler="euler", width=64, height=64)[0]
+    ours = torch.tensor(np.asarray(image), dtype=torch.float32) / 255
+    assert (ours - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
 def test_sd3_info_and_t5_choice_runs_without_it_or_is_one_clear_line(sd3_folder):
     """`nanodiff info` names the family; t5=False on a folder with T5 = diffusers with text_encoder_3 None; t5=True
     without T5 (or on SD) is one line."""

@@ -293,7 +293,7 @@ class Pipeline:
         mask = r.mask if known is None else None
         img2img = known is not None or r.init_image is not None
         if known is None and r.init_image is not None:
-            start = steps - min(int(steps * r.strength), steps)
+            start = self.img2img_start(steps, r.strength)
             image = to_tensor(r.init_image, (width, height)).expand(batch, -1, -1, -1)
             if start > 0 or mask is None or not self.is_inpainting_model:
                 known = self.encode_image(image, generators)
@@ -347,6 +347,14 @@ class Pipeline:
         final_sigma = float(sigmas[-1])
         return x / math.sqrt(1 + final_sigma**2) if final_sigma > 0 and stop is None else x
 
+    def img2img_start(self, steps: int, strength: float) -> int:
+        """The step an init image at `strength` starts from, as diffusers' pipelines count it: SD / SDXL run
+        int(steps x strength) steps, SD3 skips int(steps - steps x strength) (one step more where the product is
+        not whole)."""
+        if self.is_sd3:
+            return int(max(steps - steps * strength, 0))
+        return steps - min(int(steps * strength), steps)
+
     def refiner_step(self, r: GenerationRequest) -> int:
         """The step at which the refiner takes over (Podell et al. 2023 §2.5; diffusers' denoising_end /
         denoising_start): the base runs the steps whose timestep is at least (1 - refiner_switch_at) x the training
@@ -357,7 +365,7 @@ class Pipeline:
         total = noise_schedule.num_train_timesteps
         cutoff = int(round(total - r.refiner_switch_at * total))
         switch = sum(1 for sigma in sigmas if round(float(noise_schedule.sigma_to_t(sigma))) >= cutoff)
-        first = r.steps - min(int(r.steps * r.strength), r.steps) if r.init_image is not None else 0
+        first = self.img2img_start(r.steps, r.strength) if r.init_image is not None else 0
         if not first < switch < len(sigmas):
             raise NanoDiffusionError(f"refiner_switch_at {r.refiner_switch_at} leaves no steps to the "
                                      f"{'refiner' if switch >= len(sigmas) else 'base model'} with {r.steps} steps: "

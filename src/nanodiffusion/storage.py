@@ -82,7 +82,8 @@ def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (
     packed_layers(model)
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
         return model
-    kept, waiting = (set().union(*(model.get_submodule(name).modules() for name in names if hasattr(model, name)))
+    kept, waiting = (set().union(*(getattr(model, name).modules() for name in names
+                                   if isinstance(getattr(model, name, None), nn.Module)))
                      for names in (keep, later))
     spans = file_mappings()
     for module in model.modules():
