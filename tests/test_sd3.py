@@ -558,3 +558,52 @@ def test_half_precision_file_with_fp8_t5_loads_and_generates(sd3_file, tmp_path)
     pipe = Pipeline.load(tmp_path / "sd3_fp8.safetensors", precision="float32")
     image = pipe(PROMPT, steps=2, cfg=5.0, width=64, height=64, seed=1, sampler="euler")[0]
     assert pipe.text_encoder_3 is not None and float(np.asarray(image, dtype=np.float32).std()) > 2
+
+
+def meta_state_dict(model_cls, config) -> dict:
+    """A network's state dict as shapes only (the meta device: no memory)."""
+    with torch.device("meta"):
+        return model_cls(config).state_dict()
+
+
+def test_sd35_large_needs_more_than_24_gb_with_t5_and_says_so(monkeypatch):
+    """SD 3.5 Large at its published sizes in bfloat16: MMDiT 8.1B + T5-XXL 4.8B + CLIP-G + CLIP-L weights do not fit
+    a 24 GB machine (about 25 GB), without T5 they do (about 16.5 GB): loading says that in one line, before building."""
+    from nanodiffusion import memory
+    from nanodiffusion.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip = dict(vocab_size=49408, max_position_embeddings=77)
+    parts = {
+        "transformer": meta_state_dict(SD3Transformer2DModel, MMDiTConfig(
+            num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+            qk_norm="rms_norm")),
+        "text_encoder": meta_state_dict(CLIPTextModelWithProjection, CLIPTextConfig(
+            **clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            projection_dim=768)),
+        "text_encoder_2": meta_state_dict(CLIPTextModelWithProjection, CLIPTextConfig(
+            **clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280)),
+        "text_encoder_3": meta_state_dict(T5EncoderModel, T5Config(
+            d_model=4096, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))}
+    need = memory.weights_bytes(parts, torch.bfloat16, torch.float32)
+    assert 8.0e9 < need["transformer"] / 2 < 8.3e9 and 4.7e9 < need["text_encoder_3"] / 2 < 4.8e9
+    monkeypatch.setattr(memory, "available_memory", lambda: 22 * memory.GB)   # a 24 GB machine, a little in use
+    with pytest.raises(NanoDiffusionError) as error:
+        memory.check_memory(parts, torch.bfloat16, torch.float32)
+    message = str(error.value)
+    assert "\n" not in message and "need about 25." in message and "22.0 GB free" in message
+    assert "MMDiT 15." in message and "T5 encoder 8.9 GB" in message and "without T5 (--no-t5, t5=False: 16." in message
+    parts.pop("text_encoder_3")
+    memory.check_memory(parts, torch.bfloat16, torch.float32)   # fits
+    with pytest.raises(NanoDiffusionError, match=r"compute in bfloat16 \(--precision bfloat16: 16\.\d GB\)"):
+        memory.check_memory(parts, torch.float32, torch.float32)
+
+
+def test_loading_a_model_too_big_for_free_memory_is_one_line(sd3_folder, monkeypatch):
+    from nanodiffusion import memory
+    from nanodiffusion.pipeline import Pipeline
+
+    path, _ = sd3_folder
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    with pytest.raises(NanoDiffusionError, match=r"need about 0\.0 GB in float32 .* but this machine has 0\.0 GB free"):
+        Pipeline.load(path, precision="float32")

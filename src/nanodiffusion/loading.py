@@ -12,6 +12,7 @@ from .allocator import fix_mmap_threshold
 from .checkpoints import Checkpoint, load_checkpoint, load_into, model_hash, read_json, settle_prediction
 from .errors import NanoDiffusionError
 from .flow_schedule import FlowSchedule
+from .memory import check_memory
 from .models.clip import EOS, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .models.layout import LayoutConfig, LayoutModel
 from .models.mmdit import MMDiTConfig, SD3Transformer2DModel
@@ -90,6 +91,7 @@ def load_pipeline(cls: type, path: str | Path | None = None, *, tokenizer: str |
         choose_t5(ckpt, t5)
     network = "transformer" if version == "sd3" else "unet"
     compute = precision_dtype(precision, sum(t.numel() for t in ckpt.parts[network].values()))
+    check_memory(ckpt.parts, compute, dtype)
     extra = {}   # the Pipeline's fields only some families have (second / third text encoders, SDXL flags)
     if version in ("xl", "xl-refiner"):
         models = sdxl_models(ckpt, dtype)
