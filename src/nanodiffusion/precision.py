@@ -69,7 +69,10 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
     to dtype on the way in (but positional arguments `keep_args`, e.g. the timestep) and its output back to float32
     on the way out.
     The stored weights stay as loaded (`now` False: packed on the first call). float32 only packs the weights."""
-    pack_weights(model, dtype, keep) if now else packed_layers(model)
+    if now:
+        pack_weights(model, dtype, keep)
+    else:
+        packed_layers(model)
     if dtype == torch.float32:
         return model
 
