@@ -22,6 +22,8 @@ side's bfloat16 image to its own float32 image, and max |ours - diffusers| of th
     python benchmarks/perf.py            # full: 256 and 512 px (about 25 minutes on 2 cores)
     python benchmarks/perf.py --quick    # 256 px only, fewer repeats (about 6 minutes)
     python benchmarks/perf.py --whole    # whole-process rows (--sizes 256 --steps 4 for the shortest)
+    python benchmarks/perf.py --whole --family sdxl --sizes 1024 --steps 2 --repeats 1 --precisions float32
+                                         # the same for an SDXL base-sized model (peak memory at 1024 px)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 TOKENIZER = ROOT.parent / "shared" / "clip-tokenizer"
 WEIGHTS = Path(tempfile.gettempdir()) / "nanodiffusion-perf-sd15"
+SDXL_WEIGHTS = Path(tempfile.gettempdir()) / "nanodiffusion-perf-sdxl"
 PROMPT, NEGATIVE, SEED, CFG, STEPS = "a photograph of an astronaut riding a horse", "blurry", 1, 7.5, 20
 BEGIN, END = "<!-- perf.py results: begin -->", "<!-- perf.py results: end -->"
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -56,16 +59,21 @@ SD15_SCHEDULER_CONFIG = ('{"_class_name": "PNDMScheduler", "_diffusers_version":
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+BIG_G_TEXT = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                  hidden_act="gelu", projection_dim=1280)   # OpenCLIP ViT-bigG, SDXL's second text encoder
 
 
 # ---------------------------------------------------------------- the shared random model
 
-def make_weights(folder: Path) -> Path:
-    """A random SD 1.5-shaped diffusers pipeline folder (kept between runs: it takes a minute to make)."""
+def make_weights(folder: Path, family: str = "sd15") -> Path:
+    """A random SD 1.5-shaped (or SDXL base-shaped) diffusers pipeline folder (kept between runs: it takes a minute
+    or two to make)."""
     if (folder / "model_index.json").is_file():
         return folder
     import diffusers
     import transformers
+    if family == "sdxl":
+        return make_sdxl_weights(folder)
 
     from nanodiffusion.models.unet import UNetConfig
     from nanodiffusion.models.vae import VAEConfig
@@ -80,6 +88,28 @@ def make_weights(folder: Path) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(SD15_SCHEDULER_CONFIG)
+    return folder
+
+
+def make_sdxl_weights(folder: Path) -> Path:
+    """A random SDXL base-shaped diffusers pipeline folder: UNet 2.6 B, CLIP-L, OpenCLIP bigG with its projection,
+    the SDXL VAE (about 14 GB of float32 safetensors)."""
+    import diffusers
+    import transformers
+
+    from nanodiffusion import sdxl
+    from nanodiffusion.models.unet import UNetConfig
+
+    torch.manual_seed(0)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=77)
+    diffusers.StableDiffusionXLPipeline(
+        unet=diffusers.UNet2DConditionModel.from_config(UNetConfig.sdxl().to_dict()),
+        vae=diffusers.AutoencoderKL.from_config(sdxl.vae_config()),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT)),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**BIG_G_TEXT)),
+        tokenizer=tokenizer, tokenizer_2=transformers.CLIPTokenizer.from_pretrained(
+            str(TOKENIZER), model_max_length=77, pad_token="!"),
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(sdxl.scheduler_config())).save_pretrained(folder)
     return folder
 
 
@@ -241,13 +271,14 @@ def run_worker(spec: dict, script: str = __file__) -> dict:
 # ---------------------------------------------------------------- whole processes, as a CLI user runs them
 
 WHOLE_BEGIN, WHOLE_END = "<!-- perf.py whole-process results: begin -->", "<!-- perf.py whole-process results: end -->"
+SDXL_BEGIN = "<!-- perf.py SDXL whole-process results: begin -->"
+SDXL_END = "<!-- perf.py SDXL whole-process results: end -->"
 # diffusers' side of a whole-process row: import, load, one DDIM image with CFG, save (argv: folder steps size
 # dtype output)
 DIFFUSERS_SCRIPT = """
 import sys, torch, diffusers
 folder, steps, size, dtype, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                         torch_dtype=getattr(torch, dtype))
+pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
 pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 pipe(%r, negative_prompt=%r, num_inference_steps=steps, guidance_scale=%r, height=size, width=size,
@@ -290,8 +321,9 @@ def median_run(runs: list[dict]) -> dict:
             "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "runs": [round(r["seconds"], 2) for r in runs]}
 
 
-def run_whole(folder: Path, sizes: list[int], step_counts: list[int], repeats: int = 1) -> list[dict]:
-    """Whole-process rows, both sides at both precisions, one process at a time (`repeats` each, the sides
+def run_whole(folder: Path, sizes: list[int], step_counts: list[int], repeats: int = 1,
+              precisions: tuple[str, ...] = ("float32", "bfloat16")) -> list[dict]:
+    """Whole-process rows, both sides at each precision, one process at a time (`repeats` each, the sides
     alternating; medians); PSNR of each bf16 image to the same side's fp32 image, and max |ours - diffusers| of the
     fp32 images (parity)."""
     import numpy as np
@@ -302,7 +334,7 @@ def run_whole(folder: Path, sizes: list[int], step_counts: list[int], repeats: i
         for size in sizes:
             for steps in step_counts:
                 images = {}
-                for precision in ("float32", "bfloat16"):
+                for precision in precisions:
                     row = {"size": size, "steps": steps, "precision": precision}
                     runs = {"ours": [], "diffusers": []}
                     for _ in range(repeats):
@@ -315,11 +347,13 @@ def run_whole(folder: Path, sizes: list[int], step_counts: list[int], repeats: i
                     rows.append(row)
                     print(f"{size} px, {steps} steps, {precision}: ours {row['ours']}, diffusers "
                           f"{row['diffusers']}", flush=True)
-                for side in ("ours", "diffusers"):
-                    rows[-1][side]["psnr_to_fp32"] = psnr(images[side, "float32"], images[side, "bfloat16"])
-                fp32 = [np.asarray(Image.open(images[side, "float32"]), dtype=np.float64) for side in
-                        ("ours", "diffusers")]
-                rows[-2]["max_abs_diff"] = float(np.abs(fp32[0] - fp32[1]).max())
+                if "bfloat16" in precisions and "float32" in precisions:
+                    for side in ("ours", "diffusers"):
+                        rows[-1][side]["psnr_to_fp32"] = psnr(images[side, "float32"], images[side, "bfloat16"])
+                if "float32" in precisions:
+                    fp32 = [np.asarray(Image.open(images[side, "float32"]), dtype=np.float64) for side in
+                            ("ours", "diffusers")]
+                    rows[-len(precisions)]["max_abs_diff"] = float(np.abs(fp32[0] - fp32[1]).max())
     return rows
 
 
@@ -494,16 +528,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="whole-process image sizes")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 20], help="whole-process DDIM step counts")
     parser.add_argument("--repeats", type=int, default=3, help="whole-process runs per side and row (medians)")
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                        help="whole-process model: SD 1.5-sized (default) or SDXL base-sized, random weights")
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="whole-process precisions")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     if args.whole:
-        rows = run_whole(make_weights(args.weights), args.sizes, args.steps, args.repeats)
-        args.output.with_suffix(".whole.json").write_text(json.dumps(rows, indent=2) + "\n")
+        sdxl = args.family == "sdxl"
+        weights = SDXL_WEIGHTS if sdxl and args.weights == WEIGHTS else args.weights
+        rows = run_whole(make_weights(weights, args.family), args.sizes, args.steps, args.repeats,
+                         tuple(args.precisions))
+        suffix = ".whole-sdxl.json" if sdxl else ".whole.json"
+        args.output.with_suffix(suffix).write_text(json.dumps(rows, indent=2) + "\n")
         table = whole_markdown(rows)
         print(table)
-        return write_table(args.output.with_suffix(".md"), table, WHOLE_BEGIN, WHOLE_END)
+        markers = (SDXL_BEGIN, SDXL_END) if sdxl else (WHOLE_BEGIN, WHOLE_END)
+        return write_table(args.output.with_suffix(".md"), table, *markers)
     report = run(args.quick, args.weights)
     table = markdown(report)
     print(table)
