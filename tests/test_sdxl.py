@@ -16,6 +16,7 @@ from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.sdxl import (MicroConditioning, SDXLConditioning, encode_prompts, encode_text, sdxl_conditioning,
                                 vae_config)
 from oracles import clip_tokenizer_dir, require
+from test_controlnet import randomize_zero_layers
 
 diffusers = require("diffusers")
 transformers = require("transformers")
@@ -400,17 +401,23 @@ def test_vae_configs_build_diffusers_shapes(fp16_fix):
 
 # ---- The whole pipeline: `nanodiff generate --model DIR` on an SDXL folder = StableDiffusionXLPipeline ----
 
+def saved_pipeline(pipeline_cls, parts: dict, path):
+    """A tiny SDXL pipeline of `pipeline_cls` from `parts` (full_parts) with both tokenizers, saved by diffusers
+    (save_pretrained) at `path`: the pipeline object."""
+    folder = str(clip_tokenizer_dir())
+    pipe = pipeline_cls(
+        **parts, tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
+        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1))
+    pipe.save_pretrained(path)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
     """A tiny SDXL pipeline saved by diffusers (save_pretrained), and the pipeline object that saved it."""
-    folder = str(clip_tokenizer_dir())
-    pipe = diffusers.StableDiffusionXLPipeline(
-        **full_parts(), tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
-        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1))
     path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
-    pipe.save_pretrained(path)
-    return path, pipe
+    return path, saved_pipeline(diffusers.StableDiffusionXLPipeline, full_parts(), path)
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("euler", "EulerDiscreteScheduler"),
@@ -585,13 +592,8 @@ def test_sdxl_img2img_matches_diffusers(sdxl_folder):
 def inpaint_folder(tmp_path_factory):
     """A tiny SDXL inpainting pipeline (9-channel UNet) saved by diffusers, as the published SDXL inpainting
     folder is laid out."""
-    folder = str(clip_tokenizer_dir())
-    pipe = diffusers.StableDiffusionXLInpaintPipeline(
-        **full_parts(in_channels=9), tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77),
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!"),
-        scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1))
     path = tmp_path_factory.mktemp("sdxl-inpaint") / "tiny-sdxl-inpaint"
-    pipe.save_pretrained(path)
+    saved_pipeline(diffusers.StableDiffusionXLInpaintPipeline, full_parts(in_channels=9), path)
     return path
 
 
@@ -635,11 +637,8 @@ def test_sdxl_controlnet_matches_diffusers(sdxl_folder, tmp_path):
     path, base = sdxl_folder
     torch.manual_seed(0)
     controlnet = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))
+    randomize_zero_layers(controlnet)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():   # the zero-initialised layers get weights, so the ControlNet carries signal
-        for name, p in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     controlnet.eval().save_pretrained(tmp_path / "controlnet")
     sd = controlnet.state_dict()
     save_file(sd, tmp_path / "diffusers-names.safetensors")
