@@ -309,6 +309,29 @@ def test_written_folder_loads_in_diffusers_pipeline(tmp_path, v1_parts):
     assert theirs.tokenizer_dir == tmp_path / "theirs" / "tokenizer"
 
 
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_folder_loads_and_a_missing_shard_is_one_line(tmp_path, v1_parts, variant):
+    """diffusers and transformers shard a part over max_shard_size (10 GB / 5 GB by default: SDXL's fp32 UNet,
+    SD3's T5, SD 3.5 Large's transformer) into NAME-0000k-of-0000n files named by NAME.index[.variant].json."""
+    save_diffusers(tiny_checkpoint(v1_parts), tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", safety_checker=None)
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_size="20KB", variant=variant)
+    suffix = ".fp16.json" if variant else ".json"
+    for part, index in (("unet", "diffusion_pytorch_model.safetensors.index"),
+                        ("text_encoder", "model.safetensors.index")):
+        assert (tmp_path / "sharded" / part / (index + suffix)).is_file()
+        assert len(list((tmp_path / "sharded" / part).glob("*-of-*.safetensors"))) > 2
+    loaded = load_checkpoint(tmp_path / "sharded")
+    for name in v1_parts:
+        assert_same(loaded.parts[name], v1_parts[name])
+    assert len(model_hash(tmp_path / "sharded")) == 10
+
+    shard = sorted((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(NanoDiffusionError, match=f"{shard.name}: missing.*download is incomplete"):
+        load_checkpoint(tmp_path / "sharded")
+
+
 def test_convert_both_ways_and_describe(tmp_path, v1_parts):
     ckpt = tiny_checkpoint(v1_parts)
     save_single_file(ckpt, tmp_path / "model.safetensors")

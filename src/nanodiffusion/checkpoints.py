@@ -94,8 +94,11 @@ def sniff_format(path: Path) -> str:
 
 
 def load_state_dict(path: str | Path, *, keep_dtype: bool = False) -> dict[str, Tensor]:
-    """All tensors of a .safetensors / .ckpt / .bin / .pt file; fp16 / bf16 become fp32 unless keep_dtype."""
+    """All tensors of a .safetensors / .ckpt / .bin / .pt file (or of the shards a *.index.json names); fp16 / bf16
+    become fp32 unless keep_dtype."""
     path = Path(path)
+    if path.name.endswith(".json"):
+        return load_shards(path, keep_dtype)
     kind = sniff_format(path)
     try:
         sd = load_file(path) if kind == "safetensors" else read_torch(path)
@@ -328,11 +331,40 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def part_weights(folder: Path) -> Path:
-    """A part's weights file, preferring safetensors over pickles and fp32 over the .fp16 variant."""
-    found = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
+    """A part's weights file, preferring safetensors over pickles and fp32 over the .fp16 variant; a part saved in
+    shards (diffusers and transformers split parts over 10 GB / 5 GB) is its shard index, NAME.index[.fp16].json."""
+    candidates = [folder / c for name in WEIGHT_NAMES for c in (name, shard_index_name(name))]
+    found = next((path for path in candidates if path.is_file()), None)
     if found is None:
         raise NanoDiffusionError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_NAMES[:2])}, ...)")
     return found
+
+
+def shard_index_name(weights_name: str) -> str:
+    """The index of a sharded part: model.safetensors -> model.safetensors.index.json, and the variant
+    model.fp16.safetensors -> model.safetensors.index.fp16.json (diffusers' and transformers' naming)."""
+    stem, *variant, suffix = weights_name.split(".")
+    return ".".join([stem, suffix, "index", *variant, "json"])
+
+
+def load_shards(index: Path, keep_dtype: bool = False) -> dict[str, Tensor]:
+    """All tensors of a sharded part: every shard file its index's "weight_map" names, each checked to hold the
+    tensors the index puts in it."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise NanoDiffusionError(f"{index}: not a shard index (no \"weight_map\" of tensor names to files); the "
+                                 "folder is damaged")
+    sd: dict[str, Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        if not (index.parent / shard).is_file():
+            raise NanoDiffusionError(f"{index.parent / shard}: missing, and {index.name} lists it as a shard of "
+                                     "this part; the download is incomplete, copy that file too")
+        sd.update(load_state_dict(index.parent / shard, keep_dtype=keep_dtype))
+    missing = [name for name in weight_map if name not in sd]
+    if missing:
+        raise NanoDiffusionError(f"{index}: {len(missing)} tensors it lists are in none of the shards (first: "
+                                 f"{missing[0]}); the shards are from another save, copy the folder again")
+    return sd
 
 
 def read_json(path: Path) -> dict:
