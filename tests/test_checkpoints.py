@@ -21,6 +21,8 @@ from nanodiffusion.checkpoints import (Checkpoint, convert, default_scheduler, d
 from nanodiffusion.errors import NanoDiffusionError
 from nanodiffusion.models.clip import CLIPTextConfig as CLIPTextConfig_ours
 from nanodiffusion.models.clip import CLIPTextModel as CLIPTextModel_ours
+from nanodiffusion import weight_files as weight_files_module
+from nanodiffusion.weight_files import prefetch, weight_files
 from oracles import clip_tokenizer_dir
 
 SD1_UNET = dict(cross_attention_dim=768, attention_head_dim=8)
@@ -325,11 +327,29 @@ def test_sharded_folder_loads_and_a_missing_shard_is_one_line(tmp_path, v1_parts
     for name in v1_parts:
         assert_same(loaded.parts[name], v1_parts[name])
     assert len(model_hash(tmp_path / "sharded")) == 10
+    shards = sorted((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))
+    assert set(shards) <= set(weight_files(tmp_path / "sharded"))
 
-    shard = sorted((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))[1]
-    shard.unlink()
+    shards[1].unlink()
+    shard = shards[1]
     with pytest.raises(NanoDiffusionError, match=f"{shard.name}: missing.*download is incomplete"):
         load_checkpoint(tmp_path / "sharded")
+
+
+def test_generate_reads_the_weights_ahead_in_the_background(tmp_path, v1_parts, monkeypatch):
+    """`nanodiff generate` reads every weights file the load will use (and no other variant) through once, in a
+    background thread, while torch imports."""
+    save_diffusers(tiny_checkpoint(v1_parts), tmp_path / "pipe")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not read")
+    read = []
+    monkeypatch.setattr(weight_files_module, "read_through", read.append)
+    prefetch(tmp_path / "pipe").join()
+    assert read == [tmp_path / "pipe" / part / name for part, name in (
+        ("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"))]
+    single = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weight_files(single) == [single]
+    assert prefetch(tmp_path / "no such model") is None
 
 
 def test_convert_both_ways_and_describe(tmp_path, v1_parts):

@@ -42,6 +42,7 @@ from .errors import NanoDiffusionError, choice_error
 from .file_hashes import file_sha256
 from .models.clip import BOS, EOS
 from .prediction import choose_prediction
+from .weight_files import part_weights
 
 # layout: the built-in model's only; transformer (the MMDiT) and text_encoder_3 (T5): SD3's
 PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "layout")
@@ -54,9 +55,6 @@ PART_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffuser
                 "transformer": ["diffusers", "SD3Transformer2DModel"],
                 "text_encoder_3": ["transformers", "T5EncoderModel"]}
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"   # rectified flow (SD3): the network predicts a velocity
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
-                "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 # What diffusers' SDXL pipelines read from model_index.json, with their defaults per version (base, refiner).
@@ -328,23 +326,6 @@ def default_scheduler(prediction: str) -> dict:
 def is_diffusers_folder(path: Path) -> bool:
     """A diffusers pipeline folder has model_index.json or at least unet/config.json."""
     return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
-
-
-def part_weights(folder: Path) -> Path:
-    """A part's weights file, preferring safetensors over pickles and fp32 over the .fp16 variant; a part saved in
-    shards (diffusers and transformers split parts over 10 GB / 5 GB) is its shard index, NAME.index[.fp16].json."""
-    candidates = [folder / c for name in WEIGHT_NAMES for c in (name, shard_index_name(name))]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise NanoDiffusionError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_NAMES[:2])}, ...)")
-    return found
-
-
-def shard_index_name(weights_name: str) -> str:
-    """The index of a sharded part: model.safetensors -> model.safetensors.index.json, and the variant
-    model.fp16.safetensors -> model.safetensors.index.fp16.json (diffusers' and transformers' naming)."""
-    stem, *variant, suffix = weights_name.split(".")
-    return ".".join([stem, suffix, "index", *variant, "json"])
 
 
 def load_shards(index: Path, keep_dtype: bool = False) -> dict[str, Tensor]:

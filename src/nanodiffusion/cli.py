@@ -19,6 +19,11 @@ from .errors import NanoDiffusionError, choice_error
 
 def _generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpaint from the command line; writes PNGs with their parameters."""
+    from .weight_files import prefetch
+
+    for model in (args.model, args.refiner):
+        if model is not None:
+            prefetch(model)   # the disk reads the weights while torch imports
     from .images import image_grid, save_png
     from .lora_files import check_lora_weight, parse_lora_arg
     from .pipeline import Pipeline
