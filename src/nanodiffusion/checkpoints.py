@@ -329,8 +329,8 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def load_shards(index: Path, keep_dtype: bool = False) -> dict[str, Tensor]:
-    """All tensors of a sharded part: every shard file its index's "weight_map" names, each checked to hold the
-    tensors the index puts in it."""
+    """All tensors of a sharded part: every shard file its index's "weight_map" names, checking that each tensor
+    the index lists was found in one of them."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise NanoDiffusionError(f"{index}: not a shard index (no \"weight_map\" of tensor names to files); the "
