@@ -330,8 +330,8 @@ def test_sharded_folder_loads_and_a_missing_shard_is_one_line(tmp_path, v1_parts
     shards = sorted((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))
     assert set(shards) <= set(weight_files(tmp_path / "sharded"))
 
-    shards[1].unlink()
     shard = shards[1]
+    shard.unlink()
     with pytest.raises(NanoDiffusionError, match=f"{shard.name}: missing.*download is incomplete"):
         load_checkpoint(tmp_path / "sharded")
 

@@ -42,7 +42,7 @@ from .errors import NanoDiffusionError, choice_error
 from .file_hashes import file_sha256
 from .models.clip import BOS, EOS
 from .prediction import choose_prediction
-from .weight_files import part_weights
+from .weight_files import part_weights, weight_map
 
 # layout: the built-in model's only; transformer (the MMDiT) and text_encoder_3 (T5): SD3's
 PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "layout")
@@ -331,17 +331,14 @@ def is_diffusers_folder(path: Path) -> bool:
 def load_shards(index: Path, keep_dtype: bool = False) -> dict[str, Tensor]:
     """All tensors of a sharded part: every shard file its index's "weight_map" names, checking that each tensor
     the index lists was found in one of them."""
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise NanoDiffusionError(f"{index}: not a shard index (no \"weight_map\" of tensor names to files); the "
-                                 "folder is damaged")
+    shard_of = weight_map(index)
     sd: dict[str, Tensor] = {}
-    for shard in dict.fromkeys(weight_map.values()):
+    for shard in dict.fromkeys(shard_of.values()):
         if not (index.parent / shard).is_file():
             raise NanoDiffusionError(f"{index.parent / shard}: missing, and {index.name} lists it as a shard of "
                                      "this part; the download is incomplete, copy that file too")
         sd.update(load_state_dict(index.parent / shard, keep_dtype=keep_dtype))
-    missing = [name for name in weight_map if name not in sd]
+    missing = [name for name in shard_of if name not in sd]
     if missing:
         raise NanoDiffusionError(f"{index}: {len(missing)} tensors it lists are in none of the shards (first: "
                                  f"{missing[0]}); the shards are from another save, copy the folder again")

@@ -50,13 +50,25 @@ def weight_files(path: Path) -> list[Path]:
             continue   # tokenizer/, scheduler/: no weights
         if weights.name.endswith(".json"):
             try:
-                shards = json.loads(weights.read_text()).get("weight_map", {}).values()
-            except (OSError, ValueError, AttributeError):
+                shards = dict.fromkeys(weight_map(weights).values())
+            except NanoDiffusionError:
                 continue   # a broken index is reported by the load itself
-            found += [folder / name for name in dict.fromkeys(shards) if (folder / name).is_file()]
+            found += [folder / name for name in shards if (folder / name).is_file()]
         else:
             found.append(weights)
     return found
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """A shard index's "weight_map": tensor name -> the shard file (in the index's folder) that holds it."""
+    try:
+        mapping = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise NanoDiffusionError(f"{index}: unreadable shard index ({e}); the folder is damaged") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise NanoDiffusionError(f"{index}: not a shard index (no \"weight_map\" of tensor names to files); the "
+                                 "folder is damaged")
+    return mapping
 
 
 def read_through(file: Path, chunk: int = 8 << 20) -> None:
