@@ -181,3 +181,18 @@ def test_evaluate_folder_without_shapes_prompts_is_an_error(tmp_path):
     (tmp_path / "a.txt").write_text("a photo of an astronaut riding a horse")
     with pytest.warns(UserWarning), pytest.raises(NanoDiffusionError, match="no image in"):
         evaluate_folder(tmp_path)
+
+
+def test_evaluate_counts_each_heldout_pair_a_prompt_names():
+    rng = random.Random(5)
+    green_squares = Prompt("counting", (("square", "green"),) * 2)
+    right, recoloured = realize(green_squares, rng), realize(green_squares, rng)
+    recoloured = replace(recoloured, objects=tuple(replace(o, color="cyan") for o in recoloured.objects))
+    mixed = realize(Prompt("color_attr", (("circle", "yellow"), ("star", "blue"))), rng)
+    seen = realize(Prompt("colors", (("circle", "red"),)), rng)
+    results = evaluate([render(s) for s in (right, recoloured, mixed, seen)], [right, recoloured, mixed, seen])
+    assert results["pairs"] == {"green square": {"correct": 1, "total": 2, "accuracy": 0.5},
+                                "yellow circle": {"correct": 1, "total": 1, "accuracy": 1.0}}
+    table = format_table(results)
+    assert "| green square | 1 | 2 | 50.0% |" in table and "| yellow circle | 1 | 1 | 100.0% |" in table
+    assert "held-out pair" not in format_table(evaluate([render(seen)], [seen]))

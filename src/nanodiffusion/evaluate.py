@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from .data.captions import KINDS, SHAPES, Prompt, parse_caption
 from .data.folder import image_captions
-from .data.shapes import PALETTE, SUPERSAMPLE, Scene, draw_shape, relation_holds
+from .data.shapes import HELDOUT_PAIRS, PALETTE, SUPERSAMPLE, Scene, draw_shape, relation_holds
 from .errors import NanoDiffusionError
 from .prompts import parse_parameters
 
@@ -218,16 +218,28 @@ def score(image: Image.Image | np.ndarray, prompt: Prompt | Scene | str) -> dict
     return {**result, "reason": f"expected {expected}, found {found}"}
 
 
+def tally(marks: list[bool]) -> dict:
+    """Correct, total and accuracy of a list of marks."""
+    return {"correct": sum(marks), "total": len(marks), "accuracy": sum(marks) / len(marks)}
+
+
+def heldout_pairs(prompt: Prompt) -> list[str]:
+    """The held-out colour-shape pairs (data/shapes.py HELDOUT_PAIRS) a prompt names, as "green square"."""
+    return sorted({f"{color} {shape}" for shape, color in prompt.objects if (color, shape) in HELDOUT_PAIRS})
+
+
 def evaluate(images: Iterable[Image.Image], prompts: Iterable[Prompt | Scene | str]) -> dict:
-    """Per-category accuracy and overall (the mean over categories, as GenEval reports it)."""
+    """Per-category accuracy and overall (the mean over categories, as GenEval reports it); and per held-out
+    colour-shape pair, the accuracy of the images whose prompt names it (a model that generalises to some unseen
+    pairs and not to others shows it here)."""
+    prompts = [_as_prompt(prompt) for prompt in prompts]
     items = [score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    categories = {}
-    for kind in KINDS:
-        marks = [item["correct"] for item in items if item["category"] == kind]
-        if marks:
-            categories[kind] = {"correct": sum(marks), "total": len(marks), "accuracy": sum(marks) / len(marks)}
+    categories = {kind: tally([item["correct"] for item in items if item["category"] == kind]) for kind in KINDS
+                  if any(item["category"] == kind for item in items)}
+    named = [(pair, item["correct"]) for prompt, item in zip(prompts, items) for pair in heldout_pairs(prompt)]
+    pairs = {pair: tally([mark for p, mark in named if p == pair]) for pair in sorted({p for p, _ in named})}
     overall = sum(c["accuracy"] for c in categories.values()) / len(categories) if categories else 0.0
-    return {"categories": categories, "overall": overall, "items": items}
+    return {"categories": categories, "overall": overall, "pairs": pairs, "items": items}
 
 
 def _folder_prompt(path: Path, text: str) -> str:
@@ -264,10 +276,15 @@ def evaluate_folder(path: str | Path) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """Markdown table of per-category accuracy and the overall score."""
+    """Markdown table of per-category accuracy and the overall score (and, where prompts name held-out pairs,
+    a table of them)."""
     lines = ["| category | correct | total | accuracy |", "|---|---:|---:|---:|"]
     for kind, row in results["categories"].items():
         lines.append(f"| {CATEGORY_NAMES[kind]} | {row['correct']} | {row['total']} | {row['accuracy']:.1%} |")
     lines.append(f"| **overall** | | {sum(r['total'] for r in results['categories'].values())} | "
                  f"**{results['overall']:.1%}** |")
+    if results.get("pairs"):
+        lines += ["", "| held-out pair named | correct | total | accuracy |", "|---|---:|---:|---:|"]
+        lines += [f"| {pair} | {row['correct']} | {row['total']} | {row['accuracy']:.1%} |"
+                  for pair, row in results["pairs"].items()]
     return "\n".join(lines)
