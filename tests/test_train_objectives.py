@@ -107,6 +107,20 @@ def test_diffusion_training_writes_a_loadable_pipeline(trained_vae, tmp_path):
     assert image.size == (64, 64)
 
 
+def test_on_a_captioned_folder_the_unet_reads_the_vaes_latents_alone(trained_vae, tmp_path):
+    """A folder has no object boxes, so no layout stage: the UNet's channels are the VAE's latent channels, whatever
+    the UNet config says (the built-in recipe's says 4 latents + 16 map channels)."""
+    from nanodiffusion.data.shapes import write_dataset
+
+    folder = write_dataset(tmp_path / "data", 8)
+    cfg = config(tmp_path, "diffusion", steps=2)
+    train_diffusion(cfg, trained_vae / "vae", data=str(folder), dataset_size=8, text_config=TINY_TEXT,
+                    unet_config={**TINY_UNET, "in_channels": 20, "out_channels": 3}, preview_steps=1)
+    unet_config = json.loads((cfg.output / "model" / "unet" / "config.json").read_text())
+    assert (unet_config["in_channels"], unet_config["out_channels"]) == (4, 4)
+    assert not (cfg.output / "model" / "layout").exists()
+
+
 def test_bad_data_folder_fails_before_training(tmp_path):
     cfg = config(tmp_path, "run", steps=5)
     with pytest.raises(NanoDiffusionError, match="does not exist"):

@@ -211,7 +211,9 @@ def train_diffusion(config: TrainConfig, vae_folder: Path, data: str | None = No
                                                      "context_dim": text_config["hidden_size"]}))
         boxes = torch.tensor([dataset.boxes(i) for i in range(len(dataset))])
         labels = torch.tensor([dataset.labels(i) for i in range(len(dataset))])
-        unet_config["in_channels"] = vae.config.latent_channels + layout.config.map_channels
+    # the UNet denoises the VAE's latents, and also reads the slot map when there is a layout stage
+    unet_config["out_channels"] = vae.config.latent_channels
+    unet_config["in_channels"] = vae.config.latent_channels + (layout.config.map_channels if layout else 0)
     unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config))
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
     schedule = NoiseSchedule.from_config(BUILTIN_SCHEDULER)
