@@ -278,13 +278,14 @@ def evaluate_folder(path: str | Path) -> dict:
 def format_table(results: dict) -> str:
     """Markdown table of per-category accuracy and the overall score (and, where prompts name held-out pairs,
     a table of them)."""
+    def line(name: str, row: dict) -> str:
+        return f"| {name} | {row['correct']} | {row['total']} | {row['accuracy']:.1%} |"
+
     lines = ["| category | correct | total | accuracy |", "|---|---:|---:|---:|"]
-    for kind, row in results["categories"].items():
-        lines.append(f"| {CATEGORY_NAMES[kind]} | {row['correct']} | {row['total']} | {row['accuracy']:.1%} |")
+    lines += [line(CATEGORY_NAMES[kind], row) for kind, row in results["categories"].items()]
     lines.append(f"| **overall** | | {sum(r['total'] for r in results['categories'].values())} | "
                  f"**{results['overall']:.1%}** |")
     if results.get("pairs"):
         lines += ["", "| held-out pair named | correct | total | accuracy |", "|---|---:|---:|---:|"]
-        lines += [f"| {pair} | {row['correct']} | {row['total']} | {row['accuracy']:.1%} |"
-                  for pair, row in results["pairs"].items()]
+        lines += [line(pair, row) for pair, row in results["pairs"].items()]
     return "\n".join(lines)
