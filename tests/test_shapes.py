@@ -9,9 +9,10 @@ import torch
 
 from nanodiffusion.data.captions import COLORS, KINDS, RELATIONS, SHAPES, VOCABULARY, Prompt, caption, parse_caption
 from nanodiffusion.data.shapes import (BACKGROUND, GAP, HELDOUT_PAIRS, HELDOUT_RELATIONS, MARGIN, PALETTE,
-                                       ShapesDataset, heldout_prompts, is_heldout, relation_holds, render,
+                                       CodecDataset, ShapesDataset, codec_color, heldout_prompts, is_heldout, relation_holds, render,
                                        sample_prompts, sample_scene, write_dataset)
 from nanodiffusion.errors import NanoDiffusionError
+from nanodiffusion.evaluate import PALETTE_NAMES, detect, nearest_hue
 
 
 def scenes(n, split, seed=0):
@@ -80,6 +81,21 @@ def test_train_split_never_shows_a_heldout_composition():
     for scene in scenes(2000, "train"):
         assert not is_heldout(scene.prompt)
         assert not any((o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects)
+
+
+def test_the_autoencoders_recoloured_scenes_never_show_a_heldout_pair():
+    rng = random.Random(0)
+    for shape in SHAPES:
+        fills = np.array([codec_color(rng, shape) for _ in range(1500)])
+        named = {PALETTE_NAMES[i - 1] for i in nearest_hue(fills)}
+        assert named == set(COLORS) - {color for color, held in HELDOUT_PAIRS if held == shape}, shape
+    data, plain = CodecDataset(200, seed=1), ShapesDataset(200, seed=1)
+    assert torch.equal(data[4]["image"], plain[4]["image"])
+    assert not torch.equal(data[5]["image"], plain[5]["image"])
+    for index in range(1, 200, 2):
+        image = ((data[index]["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        found = {(d.color, d.shape) for d in detect(image)}
+        assert not found & HELDOUT_PAIRS, (index, found)
 
 
 def test_heldout_split_always_names_one_with_training_words_only():

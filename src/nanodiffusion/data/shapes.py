@@ -11,12 +11,14 @@ Everything is a pure function of a `random.Random`, so a seed fixes a scene exac
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
@@ -94,15 +96,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, f
         draw.polygon([(cx + x * hx, cy + y * hy) for x, y in POLYGONS[shape]], fill=fill)
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """Anti-aliased RGB image: drawn at SUPERSAMPLE x the size, then box-filtered down."""
+def render(scene: Scene, size: int = 64, fills: list[tuple[int, int, int]] | None = None) -> Image.Image:
+    """Anti-aliased RGB image: drawn at SUPERSAMPLE x the size, then box-filtered down. Each object is filled with
+    its palette colour, or with fills[i] where given (the autoencoder's recoloured scenes)."""
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), scene.background)
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
+    for i, obj in enumerate(scene.objects):
         box = ((obj.cx - obj.size) * big, (obj.cy - obj.size) * big,
                (obj.cx + obj.size) * big - 1, (obj.cy + obj.size) * big - 1)
-        draw_shape(draw, obj.shape, box, PALETTE[obj.color])
+        draw_shape(draw, obj.shape, box, fills[i] if fills else PALETTE[obj.color])
     return image.reduce(SUPERSAMPLE)
 
 
@@ -250,6 +253,36 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         _, text, image = example(self.seed, self.split, index, self.size)
         return {"image": to_tensor(image)[0], "caption": text}
+
+
+def codec_color(rng: random.Random, shape: str) -> tuple[int, int, int]:
+    """A random colour as saturated and bright as the palette's, of any hue but those the evaluator would name as
+    a colour held out with this shape (its nearest palette hue), so no held-out pair is ever drawn."""
+    from ..evaluate import PALETTE_NAMES, nearest_hue
+
+    banned = {color for color, held in HELDOUT_PAIRS if held == shape}
+    while True:
+        rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.75, 0.9), rng.uniform(0.7, 0.93))
+        fill = tuple(round(255 * c) for c in rgb)
+        if PALETTE_NAMES[int(nearest_hue(np.array(fill))) - 1] not in banned:
+            return fill
+
+
+class CodecDataset(ShapesDataset):
+    """The autoencoder's data (stage 1): the training scenes, every odd one with its objects recoloured by
+    `codec_color`. An image codec should reproduce any colour on any edge; trained on the palette alone, it
+    learns which colours go with which shapes and spoils held-out pairs at their rims (docs/builtin.md)."""
+
+    def __init__(self, length: int, seed: int = 0, size: int = 64):
+        super().__init__(length, seed, "train", size)
+
+    def __getitem__(self, index: int) -> dict:
+        if index % 2 == 0 or not 0 <= index < self.length:
+            return super().__getitem__(index)
+        scene, _ = scene_caption(self.seed, self.split, index)
+        rng = random.Random(f"codec:{self.seed}:{index}")
+        fills = [codec_color(rng, obj.shape) for obj in scene.objects]
+        return {"image": to_tensor(render(scene, self.size, fills))[0], "caption": ""}
 
 
 def sample_prompts(n: int, seed: int = 0, split: str = "heldout") -> list[tuple[Prompt, str]]:

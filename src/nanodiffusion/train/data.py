@@ -12,12 +12,14 @@ import torch
 from torch.utils.data import Dataset
 
 
-def open_dataset(data: str | Path | None, size: int = 64, length: int = 20_000, seed: int = 0) -> Dataset:
-    """The shapes scenes (data None or "shapes") or an image folder; a bad folder fails here, before training."""
+def open_dataset(data: str | Path | None, size: int = 64, length: int = 20_000, seed: int = 0,
+                 codec: bool = False) -> Dataset:
+    """The shapes scenes (data None or "shapes"; codec: half of them recoloured, the autoencoder's data) or an
+    image folder; a bad folder fails here, before training."""
     if data is None or str(data) == "shapes":
-        from ..data.shapes import ShapesDataset
+        from ..data.shapes import CodecDataset, ShapesDataset
 
-        return ShapesDataset(length, seed, split="train", size=size)
+        return CodecDataset(length, seed, size) if codec else ShapesDataset(length, seed, split="train", size=size)
     from ..data.folder import ImageFolderDataset
 
     return ImageFolderDataset(data, size)  # checks the folder now: missing, empty or unreadable -> clear error

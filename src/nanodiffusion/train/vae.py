@@ -1,5 +1,8 @@
 """Stage 1 of latent diffusion: train the autoencoder (Rombach et al. 2022, sec. 3.1).
 
+On the shapes scenes it trains on `CodecDataset`: half the scenes keep the palette, half have their objects
+recoloured in any hue but a held-out pair's, so the codec does not learn which colour goes with which shape.
+
 Loss per image: L1 reconstruction + beta * KL(q(z|x) || N(0, I)), both summed over the image and
 divided by its pixel count. Without a discriminator or LPIPS (neither exists offline at this scale)
 the L1 term alone keeps the flat-coloured shapes sharp. After training, the latent scaling factor is
@@ -64,11 +67,12 @@ def train_vae(config: TrainConfig, data: str | None = None, vae_config: dict | N
     """Train an AutoencoderKL on shapes scenes or an image folder; writes output/vae (diffusers folder)."""
     from ..models.vae import AutoencoderKL, VAEConfig
 
-    dataset = open_dataset(data, length=dataset_size, seed=config.seed)
+    dataset = open_dataset(data, length=dataset_size, seed=config.seed, codec=True)
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(VAEConfig.from_dict(vae_config or BUILTIN_VAE))
     fixed, _ = collate(dataset, torch.arange(min(8, len(dataset))))
-    calibration, _ = collate(dataset, batch_indices(len(dataset), 256, config.seed, step=-1))
+    plain = open_dataset(data, length=dataset_size, seed=config.seed)  # the images stage 2 will encode
+    calibration, _ = collate(plain, batch_indices(len(plain), 256, config.seed, step=-1))
 
     def batches(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         images, _ = collate(dataset, batch_indices(len(dataset), config.batch_size, config.seed, step, micro, rank))
