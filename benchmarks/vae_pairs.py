@@ -12,28 +12,19 @@ a diagnostic, never a basis for choosing.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from scipy.ndimage import binary_dilation
 
 from nanodiffusion.data.captions import COLORS, SHAPES, Prompt
 from nanodiffusion.data.shapes import HELDOUT_PAIRS, PALETTE, realize, render
 from nanodiffusion.evaluate import MIN_CHROMA, chroma, nearest_hue, score
 from nanodiffusion.images import to_pil, to_tensor
-from nanodiffusion.models.vae import AutoencoderKL, VAEConfig
-
-
-def load_vae(folder: Path) -> AutoencoderKL:
-    """An AutoencoderKL from a diffusers-style vae/ folder (fp32 compute)."""
-    vae = AutoencoderKL(VAEConfig.from_dict(json.loads((folder / "config.json").read_text())))
-    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
-    vae.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
-    return vae.eval()
+from nanodiffusion.models.vae import AutoencoderKL
+from nanodiffusion.train.tiny_vae import load_teacher
 
 
 @torch.no_grad()
@@ -63,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     for folder in args.vaes:
-        vae = load_vae(folder)
+        vae, _ = load_teacher(None, str(folder))
         print(f"\n{folder}  (* held-out pair; cell: wrong-hue px per 1000 object px (reconstructions failed/{args.n}))")
         print("| colour | " + " | ".join(SHAPES) + " |\n|---|" + "---:|" * len(SHAPES))
         for color in COLORS:
