@@ -144,6 +144,15 @@ def test_box_overlap_counts_present_pairs_closer_than_their_sizes_plus_margin():
     assert box_overlap(normalize_boxes(apart), apart[..., 0]).item() == 0.0   # the training scenes' layouts cost 0
 
 
+def test_stage_3_separation_gap_costs_nothing_on_the_training_layouts():
+    """Stage 3 asks sampled boxes to keep the training scenes' gap: every scene's layout already does."""
+    from nanodiffusion.train.layout import SEPARATION_GAP, caption_layouts
+
+    boxes = caption_layouts(0, 300, count=2).flatten(0, 1)
+    assert box_overlap(normalize_boxes(boxes), boxes[..., 0], SEPARATION_GAP).max() < 1e-6
+    assert box_overlap(normalize_boxes(boxes), boxes[..., 0], SEPARATION_GAP + 0.02).max() > 0   # and no more
+
+
 def test_separation_term_adds_to_the_flow_loss_only_when_asked():
     torch.manual_seed(0)
     model = LayoutModel(TINY)

@@ -125,10 +125,11 @@ class LayoutModel(nn.Module):
             h = block(h, context)
         return self.box_out(self.box_norm(h))
 
-    def flow_loss(self, boxes: Tensor, slots: Tensor, context: Tensor, separation: float = 0.0) -> Tensor:
+    def flow_loss(self, boxes: Tensor, slots: Tensor, context: Tensor, separation: float = 0.0,
+                  gap: float = 0.03) -> Tensor:
         """Per-image rectified-flow loss ||u(b_s, s) - (eps - b_0)||^2 at logit-normal s (Esser et al. 2024,
-        eq. 19); with `separation` > 0, plus that weight times the overlap of the boxes the model predicts,
-        b^_0 = b_s - s u, at s < 1/2 (where b^_0 is close to one layout, not an average of many)."""
+        eq. 19); with `separation` > 0, plus that weight times the overlap (boxes closer than `gap`) of the boxes
+        the model predicts, b^_0 = b_s - s u, at s < 1/2 (where b^_0 is close to one layout, not an average)."""
         b0 = normalize_boxes(boxes)
         s = torch.sigmoid(torch.randn(len(b0), 1, 1, device=b0.device))
         noise = torch.randn_like(b0)
@@ -136,7 +137,7 @@ class LayoutModel(nn.Module):
         u = self.velocity(b_s, FLOW_TIMESTEPS * s, slots, context).float()
         loss = (u - (noise - b0)).pow(2).flatten(1).mean(1)
         if separation > 0:
-            loss = loss + separation * (s.flatten() < 0.5) * box_overlap(b_s - s * u, boxes[..., 0])
+            loss = loss + separation * (s.flatten() < 0.5) * box_overlap(b_s - s * u, boxes[..., 0], gap)
         return loss
 
     @torch.no_grad()

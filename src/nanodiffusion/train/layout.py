@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.shapes import GAP, realize, scene_boxes, scene_caption
 from .args import add_common_arguments, config_from_args
 from .builtin import LAYOUT_RECIPE, load_pipeline_parts, write_pipeline_folder
 from .data import batch_indices
 from .loop import TrainConfig, config_dict, train
 
 LAYOUTS_PER_CAPTION = 8
-SEPARATION = 1.0   # weight of the predicted boxes' overlap in the loss (models/layout.py flow_loss)
+SEPARATION = 10.0   # weight of the predicted boxes' overlap in the loss (models/layout.py flow_loss)
+SEPARATION_GAP = GAP   # boxes closer than the training scenes ever are count as overlapping
 
 
 class BoxFlowObjective(nn.Module):
@@ -42,7 +44,8 @@ class BoxFlowObjective(nn.Module):
             module.requires_grad_(True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.layout.flow_loss(batch["boxes"], batch["slots"], batch["context"], SEPARATION).mean(), {}
+        return self.layout.flow_loss(batch["boxes"], batch["slots"], batch["context"], SEPARATION,
+                                     SEPARATION_GAP).mean(), {}
 
 
 @torch.no_grad()
@@ -57,8 +60,6 @@ def encode_scenes(text_encoder: nn.Module, layout: nn.Module, ids: torch.Tensor,
 def caption_layouts(seed: int, size: int, count: int = LAYOUTS_PER_CAPTION) -> torch.Tensor:
     """Boxes (count, size, slots, 4) of the training scenes' prompts: each scene's own layout, then count - 1 fresh
     layouts of the same prompt (data/shapes.py draws them by the same rule)."""
-    from ..data.shapes import realize, scene_boxes, scene_caption
-
     scenes = [scene_caption(seed, "train", i)[0] for i in range(size)]
 
     def layout(v: int, i: int) -> list[tuple[float, float, float, float]]:
@@ -71,8 +72,6 @@ def caption_layouts(seed: int, size: int, count: int = LAYOUTS_PER_CAPTION) -> t
 
 def train_layout(config: TrainConfig, model_folder: Path, dataset_size: int = 20_000) -> Path:
     """Train the box flow model of a stage-2 pipeline folder; writes output/model (the folder with it replaced)."""
-    from ..data.shapes import scene_caption
-
     unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(model_folder)
     scheduler = json.loads((Path(model_folder) / "scheduler" / "scheduler_config.json").read_text())
     ids = tokenizer([scene_caption(config.seed, "train", i)[1] for i in range(dataset_size)])
