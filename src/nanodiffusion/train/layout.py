@@ -6,7 +6,9 @@ a joint distribution of boxes that never overlap and that honour the relation: a
 sampled two-object layouts overlapped. Boxes are four numbers per object, so here the flow model
 (`LayoutModel.flow_modules`) trains alone on hundreds of layouts a step, and on several layouts of every
 caption (the scene's own and fresh draws of its prompt): with one layout per caption its 3- and 4-object layouts
-overlapped in about one sample in six. The text encoder, the slot reader and
+overlapped in about one sample in six. Its loss adds SEPARATION times the overlap of the layout it predicts
+(boxes closer than the training scenes' GAP; models/layout.py flow_loss): sampled boxes closer than any training
+scene's were drawn as one merged object (docs/builtin.md, b10). The text encoder, the slot reader and
 the map projection stay as stage 2 left them (the UNet learnt to read their map), so the flow model sees the
 same slot features and text states it is sampled with.
 
