@@ -175,11 +175,16 @@ def ship(source: Path, destination: Path = BUILTIN_DIR, name: str = "builtin") -
     student: name "builtin-lcm", into weights/builtin_lcm), keeping the folder's own default guidance."""
     unet, vae, text_encoder, tokenizer, layout = load_pipeline_parts(source)
     scheduler = json.loads((Path(source) / "scheduler" / "scheduler_config.json").read_text())
-    settings = json.loads((Path(source) / "model_index.json").read_text()).get("_nanodiffusion", {})
     shutil.rmtree(Path(destination) / "layout", ignore_errors=True)
     return write_pipeline_folder(destination, unet, vae, text_encoder, tokenizer, scheduler, torch.float16,
-                                 name=name, layout=layout, default_cfg=settings.get("default_cfg", BUILTIN_CFG),
-                                 default_layout_cfg=settings.get("default_layout_cfg"))
+                                 name=name, layout=layout, **guidance_settings(source))
+
+
+def guidance_settings(folder: Path) -> dict:
+    """A pipeline folder's own default guidance (model_index.json), as write_pipeline_folder's keyword arguments."""
+    settings = json.loads((Path(folder) / "model_index.json").read_text()).get("_nanodiffusion", {})
+    return {"default_cfg": settings.get("default_cfg", BUILTIN_CFG),
+            "default_layout_cfg": settings.get("default_layout_cfg")}
 
 
 def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.shapes import GAP, realize, scene_boxes, scene_caption
 from .args import add_common_arguments, config_from_args
-from .builtin import LAYOUT_RECIPE, load_pipeline_parts, write_pipeline_folder
+from .builtin import LAYOUT_RECIPE, guidance_settings, load_pipeline_parts, write_pipeline_folder
 from .data import batch_indices
 from .loop import TrainConfig, config_dict, train
 
@@ -87,7 +87,8 @@ def train_layout(config: TrainConfig, model_folder: Path, dataset_size: int = 20
 
     def finish(objective: nn.Module, output: Path) -> None:
         write_pipeline_folder(output / "model", unet, vae, text_encoder, tokenizer, scheduler,
-                              name=Path(model_folder).parent.name, layout=objective.layout)
+                              name=Path(model_folder).parent.name, layout=objective.layout,
+                              **guidance_settings(model_folder))
         (output / "train_config.json").write_text(json.dumps(config_dict(config), indent=2))
 
     train(BoxFlowObjective(layout), batches, config, finish=finish)
