@@ -65,3 +65,13 @@ def test_the_one_command_trains_all_three_stages_and_ships_a_loadable_model(tmp_
     pipe = Pipeline.load(ship)
     assert pipe.layout is not None and pipe.default_cfg == 3.0
     assert pipe("a red circle above a blue square", steps=2, seed=0)[0].size == (64, 64)
+
+    # stage 3 alone on any pipeline folder keeps that folder's own default guidance (the few-step student's cfg 1)
+    from nanodiffusion.train.layout import main as train_layout_main
+
+    index = json.loads((ship / "model_index.json").read_text())
+    index["_nanodiffusion"]["default_cfg"] = 1.0
+    (ship / "model_index.json").write_text(json.dumps(index))
+    train_layout_main([str(ship), "--output", str(tmp_path / "again"), "--steps", "1", "--dataset-size", "64",
+                       "--threads", "1"])
+    assert Pipeline.load(tmp_path / "again" / "model").default_cfg == 1.0
