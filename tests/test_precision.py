@@ -38,15 +38,11 @@ def test_pipeline_in_bfloat16_is_close_to_float32():
         pipe = Pipeline.load(precision=name)
         assert pipe.precision == name
         dtype = precision_dtype(name, 0)
-        if name == "bfloat16":
-            assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype   # at load
+        assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype   # at load
         assert pipe.vae.encoder.conv_in.packed is None   # on its first use (img2img)
         assert pipe.text_encoder.text_model.final_layer_norm.weight.dtype == torch.float32
         images[name] = np.asarray(pipe("a red circle above a blue square", steps=6, seed=3)[0], dtype=np.float64)
-        if name == "bfloat16":
-            assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
-        else:   # the built-in model is small (PACK_MIN_PARAMETERS): no layer packs, not even on its first call
-            assert pipe.vae.post_quant_conv.packed is None and pipe.unet.conv_in.packed is None
+        assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
         text_layer = pipe.text_encoder.text_model.encoder.layers[0].mlp.fc1
         assert (text_layer.packed is None) == (name == "float32")   # float32 multiplies the plain weight
     mse = ((images["float32"] - images["bfloat16"]) ** 2).mean()

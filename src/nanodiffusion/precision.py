@@ -23,10 +23,6 @@ from .storage import pack_weights
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 BF16_MIN_PARAMETERS = 100_000_000   # SD 1.x / 2.x UNets have 860M; the built-in model's has a few million
-# In float32, a pipeline whose UNet is smaller computes with its plain weights: packing the built-in model (8.5M)
-# costs more at load and first call than it saves over 20 steps (load + first image 1.17-1.25 s plain, 1.65-1.68 s
-# packed; later images equal; docs/performance.md).
-PACK_MIN_PARAMETERS = 100_000_000
 
 
 def cpu_has_bfloat16() -> bool:
@@ -93,12 +89,7 @@ def set_precision(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, dtyp
     """A loaded pipeline's networks in `dtype` (see the module docstring), their weights packed now rather than on
     the first call: the UNet but its timestep embedding, the VAE's decoder, the text transformer. The VAE's
     encoder (img2img, inpainting) packs on its first use, and in float32 the text encoder computes with its plain
-    weights (its linears multiply them as they are, and a prompt is encoded once per image). In float32 a small
-    pipeline (a UNet under PACK_MIN_PARAMETERS) computes with plain weights throughout."""
-    if dtype == torch.float32 and sum(p.numel() for p in unet.parameters()) < PACK_MIN_PARAMETERS:
-        for model in (unet, vae, text_encoder):
-            plain_layers(packed_layers(model))
-        return
+    weights (its linears multiply them as they are, and a prompt is encoded once per image)."""
     compute_in(unet, dtype, keep=("time_embedding", "add_embedding"), keep_args=(1,))
     compute_in(vae.decoder, dtype)
     compute_in(vae.encoder, dtype, now=False)   # on its first use: a text-to-image process never runs it
