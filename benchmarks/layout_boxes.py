@@ -18,15 +18,8 @@ from pathlib import Path
 import torch
 
 from nanodiffusion.data.shapes import GAP, relation_holds, scene_caption
-from nanodiffusion.models.layout import layout_noise
+from nanodiffusion.models.layout import box_overlap, layout_noise, normalize_boxes
 from nanodiffusion.train.builtin import BUILTIN_DIR, load_pipeline_parts
-
-
-def smallest_gap(boxes: torch.Tensor) -> float:
-    """Smallest Chebyshev gap between two present boxes of one layout (K, 4); +inf for fewer than two."""
-    gaps = [max(abs(a[1] - b[1]), abs(a[2] - b[2])) - a[3] - b[3]
-            for i, a in enumerate(boxes.tolist()) for b in boxes.tolist()[i + 1:] if a[0] > 0 and b[0] > 0]
-    return min(gaps, default=float("inf"))
 
 
 @torch.no_grad()
@@ -42,15 +35,15 @@ def layout_table(folder: Path, prompts: int, layouts: int) -> dict[tuple[str, st
         for v in range(layouts):
             generators = [torch.Generator().manual_seed(1000 * v + i) for i in range(prompts)]
             boxes = layout.sample_boxes(slots, context, layout_noise(generators, layout.config.slots))
-            for scene, b in zip(scenes, boxes):
+            overlap, close = (box_overlap(normalize_boxes(boxes), boxes[..., 0], gap) > 0 for gap in (0.0, GAP))
+            for scene, b, overlaps, near in zip(scenes, boxes, overlap.tolist(), close.tolist()):
                 row = counts[(split, scene.prompt.kind)]
                 n = len(scene.prompt.objects)
                 present = b[b[:, 0] > 0]
-                gap = smallest_gap(b)
                 row["layouts"] += 1
                 row["count right"] += int(len(present) == n)
-                row["overlap"] += int(gap < 0)
-                row["close"] += int(gap < GAP)
+                row["overlap"] += int(overlaps)
+                row["close"] += int(near)
                 row["smallest half side"] += float(present[:, 3].min()) if len(present) else 0.0
                 if scene.prompt.relation and len(present) >= 2:
                     row["with relation"] += 1
