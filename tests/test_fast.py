@@ -197,6 +197,8 @@ def test_released_pages_read_back_from_the_file_and_anonymous_memory_is_left_alo
     release_pages(mapped, spans)
     release_pages(anonymous, spans)
     assert torch.equal(mapped, weights["w"]) and torch.equal(anonymous, weights["w"])
+    release_pages(mapped)   # the mappings read by release_pages itself
+    assert torch.equal(mapped, weights["w"]) and anonymous.untyped_storage().resizable()
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
@@ -217,6 +219,23 @@ def test_packed_weights_survive_a_batch_change_and_stay_exact():
         assert torch.equal(one, conv(x[:1]))
         torch.testing.assert_close(one, exact)
         assert copy.deepcopy(conv).packed is None   # a copy packs its own weight
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
+def test_packing_at_load_leaves_layers_sized_per_input_to_their_first_call(monkeypatch):
+    """storage.pack_weights packs big 3x3 weights now; small weights and 1 x 1 convolutions, whose layout follows
+    the input's size, pack once on their first call instead of twice."""
+    from nanodiffusion import packing
+    from nanodiffusion.storage import pack_weights
+
+    monkeypatch.setattr(packing, "REPACK_MAX", 100)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Conv2d(4, 8, 3, padding=1),
+                                torch.nn.Conv2d(8, 16, 1)).requires_grad_(False)
+    pack_weights(model, torch.float32)
+    assert [layer.packed is None for layer in model] == [True, False, True]
+    with torch.no_grad():
+        model(torch.randn(1, 2, 4, 4))
+    assert [layer.packed[0][3] for layer in model] == [4, packing.PACK_SIDE, 4]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")

@@ -23,11 +23,11 @@ def test_bfloat16_unet_keeps_norms_time_embedding_and_output_in_float32():
     t = torch.tensor([999.0, 3.0])
     full = unet(x, t, context)
     compute_in(unet, torch.bfloat16, keep=("time_embedding",), keep_args=(1,))
+    half = unet(x, t, context)
     assert packed_dtype(unet.conv_in) == packed_dtype(unet.conv_out) == torch.bfloat16
     assert packed_dtype(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k) == torch.bfloat16
     assert packed_dtype(unet.time_embedding.linear_1) == torch.float32   # 999 is not a bfloat16 number
     assert unet.conv_in.weight.dtype == unet.conv_norm_out.weight.dtype == torch.float32   # stored as loaded
-    half = unet(x, t, context)
     assert half.dtype == torch.float32
     assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()
 
@@ -38,10 +38,11 @@ def test_pipeline_in_bfloat16_is_close_to_float32():
         pipe = Pipeline.load(precision=name)
         assert pipe.precision == name
         dtype = precision_dtype(name, 0)
-        assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype   # at load
+        assert pipe.unet.conv_in.packed is None   # small: packed on its first call, for the size it meets
         assert pipe.vae.encoder.conv_in.packed is None   # on its first use (img2img)
         assert pipe.text_encoder.text_model.final_layer_norm.weight.dtype == torch.float32
         images[name] = np.asarray(pipe("a red circle above a blue square", steps=6, seed=3)[0], dtype=np.float64)
+        assert packed_dtype(pipe.unet.conv_in) == packed_dtype(pipe.vae.decoder.conv_in) == dtype
         assert packed_dtype(pipe.vae.post_quant_conv) == torch.float32
         text_layer = pipe.text_encoder.text_model.encoder.layers[0].mlp.fc1
         assert (text_layer.packed is None) == (name == "float32")   # float32 multiplies the plain weight

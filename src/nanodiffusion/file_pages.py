@@ -29,10 +29,15 @@ def file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def release_pages(tensor: Tensor, spans: list[tuple[int, int]]) -> None:
-    """madvise(MADV_DONTNEED) the pages wholly inside `tensor` when they lie in a file mapping: the kernel drops
-    them from this process and reads them back from the file if they are touched again (checkpoint tensors are
-    never written in place, so nothing is lost). Anonymous memory is left alone (there it would zero the data)."""
+def release_pages(tensor: Tensor, spans: list[tuple[int, int]] | None = None) -> None:
+    """madvise(MADV_DONTNEED) the pages wholly inside `tensor` when they lie in a file mapping (`spans`, read now
+    when None): the kernel drops them from this process and reads them back from the file if they are touched
+    again (checkpoint tensors are never written in place, so nothing is lost). Anonymous memory is left alone
+    (there it would zero the data); memory PyTorch allocated itself (a resizable storage) is never a file
+    mapping, so it is passed over without reading the mappings (3 ms a read)."""
+    if tensor.untyped_storage().resizable():
+        return
+    spans = file_mappings() if spans is None else spans
     page = mmap.PAGESIZE
     start = -(-tensor.data_ptr() // page) * page
     end = (tensor.data_ptr() + tensor.nbytes) // page * page

@@ -10,8 +10,9 @@ made again whenever the weight changes (its storage or version, e.g. a LoRA merg
 or the input's size class does. Same result to rounding. With autograd, on other devices, under torch.compile
 or with PackedWeight.enabled = False the layers compute as plain ones, in the input's dtype.
 
-storage.py applies the transform while a model loads (store_weights; pack_weights packs every weight at once and
-hands the plain weight's file pages back), precision.py to compute in bfloat16.
+storage.py applies the transform while a model loads (store_weights; pack_weights packs the weights whose layout
+does not follow the input's size at once and hands the plain weight's file pages back), precision.py to compute
+in bfloat16.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .file_pages import file_mappings, release_pages
+from .file_pages import release_pages
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
@@ -78,10 +79,15 @@ class PackedWeight:
         """Whether a packed copy of the current weight exists (in any dtype)."""
         return self.packed is not None and self.packed[0][:2] == (self.weight.data_ptr(), self.weight._version)
 
+    def sized_per_input(self) -> bool:
+        """Whether this layer's packed layout follows its input's size: weights of up to REPACK_MAX elements and
+        1 x 1 convolutions."""
+        return self.weight.numel() <= REPACK_MAX or self.weight.shape[2:] == (1, 1)
+
     def side_for(self, cells: int) -> int:
-        """The packing size for inputs of `cells` positions: pack_side's for weights of up to REPACK_MAX elements
-        and 1 x 1 convolutions, else the size the weight is already packed for (PACK_SIDE when not packed yet)."""
-        if self.weight.numel() <= REPACK_MAX or self.weight.shape[2:] == (1, 1):
+        """The packing size for inputs of `cells` positions: pack_side's for layers sized per input, else the size
+        the weight is already packed for (PACK_SIDE when not packed yet)."""
+        if self.sized_per_input():
             return pack_side(cells)
         return self.packed[0][3] if self.packed is not None else PACK_SIDE
 
@@ -95,7 +101,7 @@ class PackedWeight:
         if self.packed is None or self.packed[0] != key:
             self.packed = None   # the old copy goes before the new one is made
             self.packed = (key, self.pack(self.weight.detach().to(dtype), side))
-            release_pages(self.weight, file_mappings() if spans is None else spans)
+            release_pages(self.weight, spans)
         return self.packed[1]
 
 

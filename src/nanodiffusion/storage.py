@@ -77,8 +77,10 @@ def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (
                  later: tuple[str, ...] = ()) -> nn.Module:
     """Make every Conv2d / Linear a packed layer (packing.packed_layers) and pack its weight now for computing in
     `dtype` (float32 under the submodules named in `keep`; with repack False, only layers not packed yet; under
-    the submodules named in `later`, on their first call), then release the plain weights' file pages. Packing
-    itself is skipped without oneDNN."""
+    the submodules named in `later`, on their first call), then release the plain weights' file pages. Layers
+    whose layout follows the input's size (PackedWeight.sized_per_input) pack on their first call, once, for the
+    size they meet: packed now, most would pack again then (the built-in model's: all of them, 0.2-0.4 s).
+    Packing itself is skipped without oneDNN."""
     packed_layers(model)
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
         return model
@@ -89,6 +91,6 @@ def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (
     for module in model.modules():
         target = torch.float32 if module in kept else dtype
         if (isinstance(module, PackedWeight) and module not in waiting and module.packs_for(target)
-                and (repack or not module.is_packed())):
+                and not module.sized_per_input() and (repack or not module.is_packed())):
             module.packed_weight(target, spans=spans)
     return model
