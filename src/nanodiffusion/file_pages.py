@@ -34,7 +34,7 @@ def release_pages(tensor: Tensor, spans: list[tuple[int, int]] | None = None) ->
     when None): the kernel drops them from this process and reads them back from the file if they are touched
     again (checkpoint tensors are never written in place, so nothing is lost). Anonymous memory is left alone
     (there it would zero the data); memory PyTorch allocated itself (a resizable storage) is never a file
-    mapping, so it is passed over without reading the mappings (3 ms a read)."""
+    mapping, so it is passed over without reading the mappings (about a millisecond a read)."""
     if tensor.untyped_storage().resizable():
         return
     spans = file_mappings() if spans is None else spans

@@ -88,9 +88,9 @@ def compute_in(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (),
 def set_precision(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, dtype: torch.dtype) -> None:
     """A loaded pipeline's networks in `dtype` (see the module docstring), their big weights packed now rather than
     on the first call (storage.pack_weights): the UNet but its timestep embedding, the VAE's decoder, the text
-    transformer. The VAE's
-    encoder (img2img, inpainting) packs on its first use, and in float32 the text encoder computes with its plain
-    weights (its linears multiply them as they are, and a prompt is encoded once per image)."""
+    transformer. The VAE's encoder (img2img, inpainting) packs on its first use, and in float32 the text encoder
+    computes with its plain weights (its linears multiply them as they are, and a prompt is encoded once per
+    image)."""
     compute_in(unet, dtype, keep=("time_embedding", "add_embedding"), keep_args=(1,))
     compute_in(vae.decoder, dtype)
     compute_in(vae.encoder, dtype, now=False)   # on its first use: a text-to-image process never runs it

@@ -5,10 +5,10 @@ copies nothing (store_weights). Half-precision storage (float16 / bfloat16: half
 3.4 GB -> 1.7 GB) converts each weight once while loading, one tensor at a time, handing the file pages it was
 read from back to the kernel at once (release_pages), so loading never holds two copies. The model's Conv2d /
 Linear layers become packed layers (packing.py), which compute in their input's dtype with a copy of their
-weight in oneDNN's blocked layout; pack_weights makes those copies while the model loads, not on the first call,
-and hands the plain weight's file pages back: what stays in memory is the packed copy (the plain weight is read
-back from the file if it is ever used, e.g. by training or a merged LoRA). Norms, biases and embeddings stay
-float32.
+weight in oneDNN's blocked layout; pack_weights makes those copies while the model loads (but for layers whose
+layout follows the input's size, which pack once on their first call), and hands the plain weight's file pages
+back: what stays in memory is the packed copy (the plain weight is read back from the file if it is ever used,
+e.g. by training or a merged LoRA). Norms, biases and embeddings stay float32.
 """
 
 from __future__ import annotations
