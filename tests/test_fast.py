@@ -202,7 +202,10 @@ def test_released_pages_read_back_from_the_file_and_anonymous_memory_is_left_alo
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
-def test_packed_weights_survive_a_batch_change_and_stay_exact():
+def test_packed_weights_survive_a_batch_change_and_stay_exact(monkeypatch):
+    """A big weight keeps its layout when guidance is dropped (batch 2 -> 1); a layer sized per input (here the
+    same convolution, with REPACK_MAX above its size) repacks for the new shape. Both stay exact."""
+    from nanodiffusion import packing
     from nanodiffusion.packing import PackedConv2d, packed_layers
 
     plain = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
@@ -211,13 +214,17 @@ def test_packed_weights_survive_a_batch_change_and_stay_exact():
         exact = plain(x[:1])
         conv = packed_layers(torch.nn.Sequential(plain))[0]
         assert conv is plain and isinstance(conv, PackedConv2d) and list(conv.state_dict()) == ["weight", "bias"]
-        conv(x)
-        packed = conv.packed[1]
-        one = conv(x[:1])   # guidance dropped: batch 2 -> 1
-        assert conv.packed[1] is packed
-        conv.packed = None
-        assert torch.equal(one, conv(x[:1]))
-        torch.testing.assert_close(one, exact)
+        for repack_max, repacks in ((100, False), (1 << 20, True)):
+            monkeypatch.setattr(packing, "REPACK_MAX", repack_max)
+            conv.packed = None
+            conv(x)
+            packed = conv.packed[1]
+            one = conv(x[:1])   # guidance dropped: batch 2 -> 1
+            assert (conv.packed[1] is not packed) == repacks
+            assert conv.packed[0][3] == ((1, 8, 6, 6) if repacks else (1, 8, 32, 32))
+            conv.packed = None
+            assert torch.equal(one, conv(x[:1]))
+            torch.testing.assert_close(one, exact)
         assert copy.deepcopy(conv).packed is None   # a copy packs its own weight
 
 
@@ -235,7 +242,7 @@ def test_packing_at_load_leaves_layers_sized_per_input_to_their_first_call(monke
     assert [layer.packed is None for layer in model] == [True, False, True]
     with torch.no_grad():
         model(torch.randn(1, 2, 4, 4))
-    assert [layer.packed[0][3] for layer in model] == [4, packing.PACK_SIDE, 4]
+    assert [layer.packed[0][3] for layer in model] == [(1, 2, 4, 4), (1, 4, 32, 32), (1, 8, 4, 4)]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
@@ -245,7 +252,8 @@ def test_small_weights_and_1x1_convolutions_repack_per_input_size_big_weights_ke
     monkeypatch.setattr(packing, "REPACK_MAX", 100)
     layers = {"small 3x3": torch.nn.Conv2d(2, 4, 3, padding=1), "big 3x3": torch.nn.Conv2d(8, 8, 3, padding=1),
               "big 1x1": torch.nn.Conv2d(16, 16, 1), "big linear": torch.nn.Linear(16, 16)}
-    expected_side = {"small 3x3": 4, "big 3x3": 32, "big 1x1": 4, "big linear": 32}
+    expected_shape = {"small 3x3": (2, 2, 4, 4), "big 3x3": (1, 8, 32, 32), "big 1x1": (2, 16, 4, 4),
+                      "big linear": (1024,)}
     for name, layer in layers.items():
         plain = copy.deepcopy(layer).requires_grad_(False)
         layer = packing.packed_layers(torch.nn.Sequential(layer.requires_grad_(False)))[0]
@@ -254,4 +262,4 @@ def test_small_weights_and_1x1_convolutions_repack_per_input_size_big_weights_ke
             x = x if isinstance(layer, torch.nn.Conv2d) else x.flatten(2).transpose(1, 2)
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
-        assert layer.packed[0][3] == expected_side[name], name
+        assert layer.packed[0][3] == expected_shape[name], name

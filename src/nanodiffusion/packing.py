@@ -7,8 +7,9 @@ variant (PackedConv2d / PackedLinear: the same object, its class swapped, so its
 forward hooks such as an unmerged LoRA's, and any reference to it stay as they are); at inference the layer
 convolves / multiplies with a copy of its weight in oneDNN's layout and the input's dtype, kept on the layer and
 made again whenever the weight changes (its storage or version, e.g. a LoRA merged into it), the compute dtype
-or the input's size class does. Same result to rounding. With autograd, on other devices, under torch.compile
-or with PackedWeight.enabled = False the layers compute as plain ones, in the input's dtype.
+or, for layers sized per input (small weights, 1 x 1 convolutions), the input's shape does. Same result to
+rounding. With autograd, on other devices, under torch.compile or with PackedWeight.enabled = False the layers
+compute as plain ones, in the input's dtype.
 
 storage.py applies the transform while a model loads (store_weights; pack_weights packs the weights whose layout
 does not follow the input's size at once and hands the plain weight's file pages back), precision.py to compute
@@ -25,17 +26,15 @@ from .file_pages import release_pages
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PACK_SIDE = 32   # the input size a weight is packed for: oneDNN's blocked weight layout serves any input size
-# Weights of up to this many elements, and 1 x 1 convolutions, get a layout per input size class: with a layout
-# picked for 32 x 32, some small convolutions (96 or 192 output channels) run 15-80x slower on 4 x 4 - 8 x 8 inputs,
-# and SD's 1 x 1 convolutions 25-45x slower on 4 x 4 (1280 x 2560: 75 ms a call instead of 1.6); repacking them is
-# cheap. The other big weights (SD's 3 x 3 convolutions and linears) keep the layout they were packed with, within
-# 5% on every size measured, so a 256 px image does not repack SD's UNet in its first steps.
+# Weights of up to this many elements, and 1 x 1 convolutions, get a layout for each input shape they meet (batch
+# included): oneDNN picks their kernel, and with it the weight layout, by the input's whole shape, and a weight
+# packed for another shape can run 15-80x slower. Measured (1 Dec 2026): SD's 1280-channel 1 x 1 convolutions
+# take 76 ms a call on a batch of 2 at 8 x 8 when packed for batch 1 at 8 x 8, and 1.9 ms when packed for
+# batch 2; packed for 32 x 32 they take 76 ms at 4 x 4 (0.7 ms for their own shape); some small convolutions (96
+# or 192 output channels) run 15-80x slower on 4 x 4 - 8 x 8 inputs. Repacking them is cheap. The other big
+# weights (SD's 3 x 3 convolutions and linears) keep the layout they were packed with, within noise of their own
+# shape's on every size measured, so a 256 px image does not repack SD's UNet in its first steps.
 REPACK_MAX = 1 << 20
-
-
-def pack_side(cells: int) -> int:
-    """The packing size for inputs of `cells` positions: PACK_SIDE from 32 x 32 up, else the exact square side."""
-    return PACK_SIDE if cells >= PACK_SIDE * PACK_SIDE else max(1, round(cells ** 0.5))
 
 
 class PackedWeight:
@@ -84,23 +83,23 @@ class PackedWeight:
         1 x 1 convolutions."""
         return self.weight.numel() <= REPACK_MAX or self.weight.shape[2:] == (1, 1)
 
-    def side_for(self, cells: int) -> int:
-        """The packing size for inputs of `cells` positions: pack_side's for layers sized per input, else the size
-        the weight is already packed for (PACK_SIDE when not packed yet)."""
+    def pack_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The input shape to pack for: x's own for layers sized per input, else the shape the weight is already
+        packed for (the layer's default_shape when not packed yet)."""
         if self.sized_per_input():
-            return pack_side(cells)
-        return self.packed[0][3] if self.packed is not None else PACK_SIDE
+            return self.input_shape(x)
+        return self.packed[0][3] if self.packed is not None else self.default_shape()
 
-    def packed_weight(self, dtype: torch.dtype, side: int = PACK_SIDE, spans: list[tuple[int, int]] | None = None
-                      ) -> Tensor:
-        """The weight in oneDNN's layout and `dtype` for inputs of about side x side, packed on first use (or by
-        storage.pack_weights) and again whenever the weight, the dtype or the size class (side_for) changes; the
-        plain weight's file pages are handed back after packing (file_pages.py; `spans`: the file mappings when
-        the caller has read them)."""
-        key = (self.weight.data_ptr(), self.weight._version, dtype, side)
+    def packed_weight(self, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+                      spans: list[tuple[int, int]] | None = None) -> Tensor:
+        """The weight in oneDNN's layout and `dtype` for inputs of `shape` (default_shape when None), packed on
+        first use (or by storage.pack_weights) and again whenever the weight, the dtype or the shape (pack_shape)
+        changes; the plain weight's file pages are handed back after packing (file_pages.py; `spans`: the file
+        mappings when the caller has read them)."""
+        key = (self.weight.data_ptr(), self.weight._version, dtype, shape or self.default_shape())
         if self.packed is None or self.packed[0] != key:
             self.packed = None   # the old copy goes before the new one is made
-            self.packed = (key, self.pack(self.weight.detach().to(dtype), side))
+            self.packed = (key, self.pack(self.weight.detach().to(dtype), key[3]))
             release_pages(self.weight, spans)
         return self.packed[1]
 
@@ -108,17 +107,24 @@ class PackedWeight:
 class PackedConv2d(PackedWeight, nn.Conv2d):
     """nn.Conv2d convolving with a oneDNN-packed weight at inference (PackedWeight); output is channels-last."""
 
-    def pack(self, w: Tensor, side: int) -> Tensor:
-        """The weight in oneDNN's convolution layout."""
-        shape = [1, self.in_channels, side, side]
+    def default_shape(self) -> tuple[int, ...]:
+        """One PACK_SIDE x PACK_SIDE image."""
+        return (1, self.in_channels, PACK_SIDE, PACK_SIDE)
+
+    def input_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The whole input shape (N, C, H, W)."""
+        return tuple(x.shape)
+
+    def pack(self, w: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The weight in oneDNN's convolution layout for inputs of `shape`."""
         return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride, self.dilation,
-                                                          self.groups, shape)
+                                                          self.groups, list(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if not (self.packable(x) and x.dim() == 4 and plain_padding):
             return self._conv_forward(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, self.side_for(x.shape[-2] * x.shape[-1]))
+        weight = self.packed_weight(x.dtype, self.pack_shape(x))
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.compute_bias(x), self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
 
@@ -126,14 +132,22 @@ class PackedConv2d(PackedWeight, nn.Conv2d):
 class PackedLinear(PackedWeight, nn.Linear):
     """nn.Linear multiplying by a oneDNN-packed weight at inference (PackedWeight)."""
 
-    def pack(self, w: Tensor, side: int) -> Tensor:
-        """The weight in oneDNN's matmul layout."""
-        return torch.ops.mkldnn._reorder_linear_weight(w, side * side)
+    def default_shape(self) -> tuple[int, ...]:
+        """PACK_SIDE x PACK_SIDE rows."""
+        return (PACK_SIDE * PACK_SIDE,)
+
+    def input_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The number of rows the input multiplies (all but its last dimension)."""
+        return (x.numel() // x.shape[-1],)
+
+    def pack(self, w: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The weight in oneDNN's matmul layout for `shape[0]` rows."""
+        return torch.ops.mkldnn._reorder_linear_weight(w, shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.packable(x):
             return F.linear(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, self.side_for(x.numel() // x.shape[-1]))
+        weight = self.packed_weight(x.dtype, self.pack_shape(x))
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.compute_bias(x), "none", [], "")
 
 
