@@ -242,7 +242,7 @@ def evaluate(images: Iterable[Image.Image], prompts: Iterable[Prompt | Scene | s
     return {"categories": categories, "overall": overall, "pairs": pairs, "items": items}
 
 
-def _folder_prompt(path: Path, text: str) -> str:
+def folder_prompt(path: Path, text: str) -> str:
     """The caption file's text, else the prompt in the PNG "parameters" chunk."""
     if text:
         return text
@@ -255,7 +255,7 @@ def evaluate_folder(path: str | Path) -> dict:
     images, prompts, files, skipped = [], [], [], []
     for file, text in image_captions(path):
         try:
-            prompt = parse_caption(_folder_prompt(file, text))
+            prompt = parse_caption(folder_prompt(file, text))
             with Image.open(file) as image:
                 images.append(image.convert("RGB"))
         except (NanoDiffusionError, OSError, SyntaxError):
