@@ -12,7 +12,7 @@ rounding. With autograd, on other devices, under torch.compile or with PackedWei
 compute as plain ones, in the input's dtype.
 
 storage.py applies the transform while a model loads (store_weights; pack_weights packs the weights whose layout
-does not follow the input's size at once and hands the plain weight's file pages back), precision.py to compute
+does not follow the input's shape at once and hands the plain weight's file pages back), precision.py to compute
 in bfloat16.
 """
 
@@ -79,7 +79,7 @@ class PackedWeight:
         return self.packed is not None and self.packed[0][:2] == (self.weight.data_ptr(), self.weight._version)
 
     def sized_per_input(self) -> bool:
-        """Whether this layer's packed layout follows its input's size: weights of up to REPACK_MAX elements and
+        """Whether this layer's packed layout follows its input's shape: weights of up to REPACK_MAX elements and
         1 x 1 convolutions."""
         return self.weight.numel() <= REPACK_MAX or self.weight.shape[2:] == (1, 1)
 

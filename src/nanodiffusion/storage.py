@@ -6,7 +6,7 @@ copies nothing (store_weights). Half-precision storage (float16 / bfloat16: half
 read from back to the kernel at once (release_pages), so loading never holds two copies. The model's Conv2d /
 Linear layers become packed layers (packing.py), which compute in their input's dtype with a copy of their
 weight in oneDNN's blocked layout; pack_weights makes those copies while the model loads (but for layers whose
-layout follows the input's size, which pack once on their first call), and hands the plain weight's file pages
+layout follows the input's shape, which pack once on their first call), and hands the plain weight's file pages
 back: what stays in memory is the packed copy (the plain weight is read back from the file if it is ever used,
 e.g. by training or a merged LoRA). Norms, biases and embeddings stay float32.
 """
@@ -78,8 +78,8 @@ def pack_weights(model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = (
     """Make every Conv2d / Linear a packed layer (packing.packed_layers) and pack its weight now for computing in
     `dtype` (float32 under the submodules named in `keep`; with repack False, only layers not packed yet; under
     the submodules named in `later`, on their first call), then release the plain weights' file pages. Layers
-    whose layout follows the input's size (PackedWeight.sized_per_input) pack on their first call, once, for the
-    size they meet: packed now, most would pack again then (the built-in model's: all of them, 0.2-0.4 s).
+    whose layout follows the input's shape (PackedWeight.sized_per_input) pack on their first call, once, for the
+    shape they meet: packed now, most would pack again then (the built-in model's: all of them, 0.2-0.4 s).
     Packing itself is skipped without oneDNN."""
     packed_layers(model)
     if not (PackedWeight.enabled and torch.backends.mkldnn.is_available()):
