@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nanodiffusion.packing import PackedConv2d, PackedWeight
+from nanodiffusion.packing import PackedWeight
 from nanodiffusion.pipeline import Pipeline
 from perf import WEIGHTS, make_weights
 
@@ -38,25 +38,17 @@ def layer_inputs(pipe: Pipeline, size: int, dtype: torch.dtype) -> list[tuple[st
     return calls
 
 
-def run(layer: PackedWeight, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's packed call with a given packed weight."""
-    if isinstance(layer, PackedConv2d):
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, layer.compute_bias(x), layer.padding, layer.stride,
-                                                       layer.dilation, layer.groups, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, layer.compute_bias(x), "none", [], "")
-
-
 def best_times(layer: PackedWeight, x: torch.Tensor, shapes: list[tuple[int, ...]], rounds: int = 4) -> list[float]:
     """Best-of-`rounds` seconds of the layer with its weight packed for each shape, timed alternately."""
     weights = [layer.pack(layer.weight.detach().to(x.dtype), shape) for shape in shapes]
     best = [float("inf")] * len(weights)
     with torch.no_grad():
         for weight in weights:
-            run(layer, x, weight)
+            layer.with_packed(x, weight)
         for _ in range(rounds):
             for i, weight in enumerate(weights):
                 start = time.perf_counter()
-                run(layer, x, weight)
+                layer.with_packed(x, weight)
                 best[i] = min(best[i], time.perf_counter() - start)
     return best
 

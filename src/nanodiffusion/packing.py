@@ -124,7 +124,10 @@ class PackedConv2d(PackedWeight, nn.Conv2d):
         plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if not (self.packable(x) and x.dim() == 4 and plain_padding):
             return self._conv_forward(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, self.pack_shape(x))
+        return self.with_packed(x, self.packed_weight(x.dtype, self.pack_shape(x)))
+
+    def with_packed(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The convolution of x with a packed weight (pack's)."""
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.compute_bias(x), self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
 
@@ -147,7 +150,10 @@ class PackedLinear(PackedWeight, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.packable(x):
             return F.linear(x, *self.compute_weight(x))
-        weight = self.packed_weight(x.dtype, self.pack_shape(x))
+        return self.with_packed(x, self.packed_weight(x.dtype, self.pack_shape(x)))
+
+    def with_packed(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x times a packed weight (pack's), plus the bias."""
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.compute_bias(x), "none", [], "")
 
 
