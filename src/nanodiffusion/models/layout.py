@@ -31,6 +31,7 @@ from .resnet import TimestepEmbedding, timestep_embedding
 # Boxes in image fractions (presence in {0, 1}, centre x, centre y, half side) <-> the unit-scale vectors the
 # flow model works on: presence -> +-1, centres -> [-1, 1], half sides around the shapes' typical size.
 SIZE_MEAN, SIZE_SCALE = 0.18, 8.0
+READER = ("slot_queries", "slot_blocks", "slot_norm", "slot_heads")   # the slot reader and its heads
 FLOW_TIMESTEPS = 1000  # the network's timestep is 1000 s for flow time s in [0, 1] (diffusers' FlowMatch convention)
 
 
@@ -96,8 +97,20 @@ class LayoutModel(nn.Module):
         nn.init.zeros_(self.box_out.bias)
 
     def flow_modules(self) -> list[nn.Module]:
-        """The box flow model's own layers (what stage 3, train/layout.py, trains)."""
+        """The box flow model's own layers (stage 3, train/layout.py, trains them)."""
         return [self.box_in, self.time_embedding, self.box_blocks, self.box_norm, self.box_out]
+
+    def reader_parameters(self) -> list[nn.Parameter]:
+        """The slot reader and its heads (stage 3 trains them afresh on the cross-entropy alone)."""
+        return [p for name, p in self.named_parameters() if name.split(".")[0] in READER]
+
+    @torch.no_grad()
+    def reset_reader(self) -> None:
+        """Re-draw the slot reader's and heads' initial weights (the map projection and flow model are kept)."""
+        fresh = dict(LayoutModel(self.config).named_parameters())
+        for name, p in self.named_parameters():
+            if name.split(".")[0] in READER:
+                p.copy_(fresh[name])
 
     def read_slots(self, context: Tensor) -> Tensor:
         """Slot features (B, K, dim): the learned queries cross-attending to the text states (B, L, context_dim)."""

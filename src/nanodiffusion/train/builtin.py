@@ -191,7 +191,7 @@ def train_builtin(output: Path, *, vae_steps: int = VAE_RECIPE["steps"],
                   diffusion_steps: int = DIFFUSION_RECIPE["steps"], layout_steps: int = LAYOUT_RECIPE["steps"],
                   dataset_size: int = 20_000, threads: int | None = None, ship_to: Path | None = BUILTIN_DIR) -> Path:
     """The whole recipe: stage 1 (VAE), stage 2 (UNet + text encoder + layout stage), stage 3 (the layout stage's
-    box flow model alone), then ship the EMA weights as fp16."""
+    slot reader and box flow model alone), then ship the EMA weights as fp16."""
     from .diffusion import train_diffusion
     from .layout import train_layout
     from .loop import TrainConfig
