@@ -273,3 +273,29 @@ def test_map_only_rows_read_the_map_beside_the_empty_prompt():
     empty = pipe.text_encoder(pipe.tokenizer([""]))
     assert torch.allclose(context, empty.expand_as(context)) and x[:, 4:].abs().amax((1, 2, 3)).min() > 0
     assert loss.isfinite()
+
+
+def test_stage_3_redraws_the_slot_reader_and_trains_it_on_its_labels_alone():
+    """Stage 3's objective starts the reader from fresh weights, keeps the map projection, and lets only the
+    cross-entropy reach the reader: with every label unknown the reader gets no gradient, the flow model does."""
+    from nanodiffusion.train.layout import LayoutStageObjective
+
+    torch.manual_seed(0)
+    model = LayoutModel(TINY)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    objective = LayoutStageObjective(model)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    reader = {name for name, _ in model.named_parameters() if name.split(".")[0] in
+              ("slot_queries", "slot_blocks", "slot_norm", "slot_heads")}
+    assert changed <= reader   # LayerNorms redraw to the same ones and zeros
+    assert {"slot_queries", "slot_heads.0.weight", "slot_blocks.0.attn2.to_q.weight"} <= changed
+    boxes = torch.tensor([[[1.0, 0.25, 0.25, 0.15], [1.0, 0.75, 0.75, 0.15], [0.0] * 4, [0.0] * 4]] * 4)
+    batch = {"boxes": boxes, "context": torch.randn(4, 5, TINY.context_dim),
+             "labels": torch.full((4, 4, 2), -1)}
+    objective(batch)[0].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.reader_parameters())
+    assert model.box_out.weight.grad.any()   # the flow model learns (its output layer starts at zero)
+    assert model.map_proj.weight.grad is None
+    batch["labels"][:, :2] = torch.tensor([[2, 1], [0, 0]])
+    objective(batch)[0].backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.slot_heads.parameters())
