@@ -9,13 +9,12 @@ overlapped in about one sample in six. Its loss adds SEPARATION times the overla
 (boxes closer than the training scenes' GAP; models/layout.py flow_loss): sampled boxes closer than any training
 scene's were drawn as one merged object (docs/builtin.md, b10).
 
-The slot reader and its heads are trained here again from fresh weights, by their cross-entropy alone, on the
-frozen text states. Stage 2's reader, trained with the UNet's loss flowing into it through the map and on a text
-encoder still moving, named the training compositions right but an unseen pair unsteadily: b11's gave "two green
-squares" p(green) = 0.31-0.34 and the rest to "any colour", and the UNet drew those squares teal (docs/builtin.md,
-b13). A reader trained alone names every held-out slot's colour and shape (p >= 0.9). The slot classes mean the
-same as in stage 2, so the map projection and the UNet that reads the map stay as stage 2 left them; the flow
-model reads the new reader's slot features (detached: the reader learns from its labels only).
+The slot reader and its heads are trained here again from fresh weights, on the frozen text states, by their
+cross-entropy and the flow loss (the flow model learns from the slot features which object is which). Stage 2's
+reader, trained with the UNet's loss flowing into it through the map and on a text encoder still moving, named the
+training compositions right but an unseen pair unsteadily: b11's gave "two green squares" p(green) = 0.31-0.34 and
+the rest to "any colour", and the UNet drew those squares teal (docs/builtin.md, b13). The slot classes mean the
+same as in stage 2, so the map projection and the UNet that reads the map stay as stage 2 left them.
 
     python -m nanodiffusion.train.layout runs/diffusion/model --output runs/layout
 """
@@ -42,8 +41,8 @@ SEPARATION_GAP = GAP   # boxes closer than the training scenes ever are count as
 
 
 class LayoutStageObjective(nn.Module):
-    """The slot reader's cross-entropy (from fresh weights) plus the box flow model's rectified-flow loss on the
-    reader's detached slot features, both on precomputed text states."""
+    """The slot reader's cross-entropy (from fresh weights) plus the box flow model's rectified-flow loss on its slot
+    features, both on precomputed text states."""
 
     def __init__(self, layout: nn.Module):
         super().__init__()
@@ -56,7 +55,7 @@ class LayoutStageObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         slots = self.layout.read_slots(batch["context"])
-        flow = self.layout.flow_loss(batch["boxes"], slots.detach(), batch["context"], SEPARATION, SEPARATION_GAP)
+        flow = self.layout.flow_loss(batch["boxes"], slots, batch["context"], SEPARATION, SEPARATION_GAP)
         names = self.layout.slot_loss(slots, batch["labels"])
         return (flow + names).mean(), {"flow": flow.mean().detach(), "slots": names.mean().detach()}
 
