@@ -101,7 +101,7 @@ class LayoutModel(nn.Module):
         return [self.box_in, self.time_embedding, self.box_blocks, self.box_norm, self.box_out]
 
     def reader_parameters(self) -> list[nn.Parameter]:
-        """The slot reader and its heads (stage 3 trains them afresh on the cross-entropy alone)."""
+        """The slot reader and its heads (stage 3 trains them afresh, train/layout.py)."""
         return [p for name, p in self.named_parameters() if name.split(".")[0] in READER]
 
     @torch.no_grad()
