@@ -107,10 +107,8 @@ class LayoutModel(nn.Module):
     @torch.no_grad()
     def reset_reader(self) -> None:
         """Re-draw the slot reader's and heads' initial weights (the map projection and flow model are kept)."""
-        fresh = dict(LayoutModel(self.config).named_parameters())
-        for name, p in self.named_parameters():
-            if name.split(".")[0] in READER:
-                p.copy_(fresh[name])
+        for mine, fresh in zip(self.reader_parameters(), LayoutModel(self.config).reader_parameters()):
+            mine.copy_(fresh)
 
     def read_slots(self, context: Tensor) -> Tensor:
         """Slot features (B, K, dim): the learned queries cross-attending to the text states (B, L, context_dim)."""
